@@ -1,0 +1,290 @@
+"""Test helpers: the repo root, a subprocess runner, and builders for tiny offline "worlds".
+
+A *world* is everything an RLHF script needs for one run: a policy folder, a reward model folder,
+an optional gold reward model folder, and train / eval prompt files. The builders below make tiny
+random-weight worlds for several real Hugging Face architectures, entirely offline (no download):
+a word-level tokenizer made with the `tokenizers` library, then models built from a config.
+
+Tests import from here (``from tests.helpers import REPO, World, run_script``); the pytest fixtures
+that build the worlds once per session live in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+"""The repository root (the folder holding the three scripts)."""
+
+ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2"]
+"""Architectures with a fixture world; `gpt2` is the one whose tokenizer has no pad token."""
+
+TOKENIZER_OF = {"llama": "word", "gpt2": "word_no_pad", "gpt_neox": "word", "qwen2": "bpe"}
+"""Which tokenizer each arch world uses (see make_tokenizer and make_bpe_tokenizer)."""
+
+SEED = 1234
+
+
+@dataclass(frozen=True)
+class World:
+    """Paths (strings, ready for the command line) to one complete set of script inputs."""
+
+    arch: str  # "llama", "gpt2", "gpt_neox", "qwen2", or "tinyworld"
+    policy: str  # folder for --model-name (AutoModelForCausalLM + tokenizer)
+    reward: str  # folder for --reward-model-name (AutoModelForSequenceClassification, 1 label)
+    dataset: str  # .jsonl for --dataset, one {"prompt": ...} per line
+    eval_dataset: str  # .jsonl for --eval-dataset
+    gold: str | None = None  # folder for --gold-reward-model-name; None = pass "None"
+    has_pad_token: bool = True  # False: tokenizer.pad_token is None (GPT-2 style, EOS doubles as pad)
+
+    def args(self) -> list[str]:
+        """The common model and data flags of a script run in this world."""
+        return [
+            "--model-name", self.policy,
+            "--reward-model-name", self.reward,
+            "--gold-reward-model-name", self.gold if self.gold is not None else "None",
+            "--dataset", self.dataset,
+            "--eval-dataset", self.eval_dataset,
+        ]
+
+
+def run_script(script: str, *args: str, cwd: str | os.PathLike | None = None, timeout: float = 600):
+    """Run ``python REPO/script *args`` on the CPU, offline; return the CompletedProcess (no assert).
+
+    stdout and stderr are captured as text. ``cwd`` defaults to the current directory, so pass a
+    tmp_path to keep a default ``runs/`` folder out of the repository.
+    """
+    env = dict(os.environ)
+    env.update(
+        CUDA_VISIBLE_DEVICES="",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+    )
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def tinyworld() -> World:
+    """The committed offline world in REPO/tinyworld (paths only; nothing is checked here)."""
+    t = REPO / "tinyworld"
+    return World(
+        arch="tinyworld",
+        policy=str(t / "sft"),
+        reward=str(t / "reward_model"),
+        gold=str(t / "gold_reward_model"),
+        dataset=str(t / "prompts_train.jsonl"),
+        eval_dataset=str(t / "prompts_eval.jsonl"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------
+WORDS = (
+    "the a one two three red blue green small big happy sad cat dog bird fish tree house sun moon "
+    "runs jumps sees likes eats sings sleeps walks is was and but with on under over near very "
+    "quickly slowly today now here there good bad story tell me about"
+).split()  # 48 words
+OTHER_WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+    "sigma tau upsilon phi chi psi omega"
+).split()  # 24 words, none shared with WORDS: a different vocabulary of a different size
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+EOT = "<|endoftext|>"
+
+
+def make_tokenizer(words: list[str] = WORDS, with_pad: bool = True):
+    """A word-level PreTrainedTokenizerFast with left padding and no automatically added tokens.
+
+    with_pad=True: distinct <pad> (id 0), <bos>, <eos>, <unk>, then the words.
+    with_pad=False: GPT-2 style; one <|endoftext|> token is bos, eos and unk; pad_token is None.
+    The same words in both variants, but not the same ids; what matters to the scripts is that a
+    policy and its reward model share one tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # Like GPT-2, the single end-of-text token of the no-pad variant has the last id.
+    tokens = [PAD, BOS, EOS, UNK, *words] if with_pad else [*words, EOT]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    unk = UNK if with_pad else EOT
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    if with_pad:
+        special = dict(pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK)
+    else:
+        special = dict(bos_token=EOT, eos_token=EOT, unk_token=EOT)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, padding_side="left", model_max_length=256, **special
+    )
+    assert (tok.pad_token is None) == (not with_pad)
+    return tok
+
+
+# Qwen2's pre-tokenizer split (as in transformers' Qwen2Tokenizer).
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def make_bpe_tokenizer(words: list[str] = WORDS, vocab_size: int = 150):
+    """A tiny byte-level BPE tokenizer in the Qwen2 style, with distinct <pad>/<bos>/<eos>/<unk>.
+
+    Needed for the qwen2 world: for `model_type == "qwen2"`, transformers 5 AutoTokenizer always
+    rebuilds a `Qwen2Tokenizer` (byte-level BPE, fixed pre-tokenizer) from tokenizer.json's vocab
+    and merges, which would turn a word-level vocabulary into nonsense. The BPE is trained on the
+    fixture words (deterministically); with vocab_size=150 some words take several tokens.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, UNK], show_progress=False
+    )
+    rng = random.Random(SEED)
+    corpus = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(200)]
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, padding_side="left", model_max_length=256,
+        pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+def _config(arch: str, tok, vocab_size: int):
+    """A tiny config of the real architecture, all dropouts 0, special ids from the tokenizer."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    ids = dict(
+        pad_token_id=tok.pad_token_id,  # None for the GPT-2 style tokenizer, as in real GPT-2
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        vocab_size=vocab_size,
+    )
+    if arch == "llama":
+        return LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0,
+            tie_word_embeddings=False, **ids,
+        )
+    if arch == "qwen2":
+        return Qwen2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0,
+            use_sliding_window=False, tie_word_embeddings=True, **ids,
+        )
+    if arch == "gpt2":
+        return GPT2Config(
+            n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=256, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, **ids,
+        )
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, hidden_dropout=0.0, attention_dropout=0.0,
+            classifier_dropout=0.0, use_parallel_residual=True, tie_word_embeddings=False, **ids,
+        )
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+# Real Pythia (GPT-NeoX) and Qwen2 checkpoints have an embedding matrix larger than the tokenizer
+# (50304 vs 50277 for Pythia, 151936 vs 151665 for Qwen2.5); these fixtures mimic that (rounding up
+# to the next multiple of 16), so scripts must not assume logits.shape[-1] == len(tokenizer). The
+# random policies give those unused ids some probability; they decode to nothing.
+PADDED_VOCAB = {"gpt_neox", "qwen2"}
+
+
+def _vocab_size(arch: str, tok) -> int:
+    n = len(tok)
+    return (n // 16 + 1) * 16 if arch in PADDED_VOCAB else n
+
+
+def build_policy(arch: str, tok, path: Path, seed: int = SEED) -> None:
+    """Save a random tiny causal LM of `arch` with its tokenizer in `path`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(arch, tok, _vocab_size(arch, tok)))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def build_reward_model(arch: str, tok, path: Path, seed: int = SEED + 1, score_std: float = 1.0):
+    """Save a random tiny 1-label AutoModelForSequenceClassification of `arch` with its tokenizer.
+
+    The score head is re-initialised with std `score_std / sqrt(hidden)`, so that the scores spread
+    with a standard deviation of order `score_std` (the default 0.02 init gives nearly constant
+    scores), giving a short RL run a signal.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = _config(arch, tok, _vocab_size(arch, tok))
+    config.num_labels = 1
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, score_std / config.hidden_size**0.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def write_prompts(path: Path, n: int, seed: int, words: list[str] = WORDS) -> None:
+    """n lines of {"prompt": "..."} with 2-5 words of the fixture vocabulary."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            prompt = " ".join(rng.choice(words) for _ in range(rng.randint(2, 5)))
+            f.write(json.dumps({"prompt": prompt}) + "\n")
+
+
+def build_worlds(root: Path, archs: list[str] = ARCHS) -> dict[str, World]:
+    """Build every arch's world under root; all of them share the prompt files."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    dataset, eval_dataset = root / "prompts_train.jsonl", root / "prompts_eval.jsonl"
+    write_prompts(dataset, 32, SEED)
+    write_prompts(eval_dataset, 16, SEED + 1)
+    tokenizers = {
+        "word": make_tokenizer(with_pad=True),
+        "word_no_pad": make_tokenizer(with_pad=False),
+        "bpe": make_bpe_tokenizer(),
+    }
+    worlds = {}
+    for arch in archs:
+        with_pad = arch != "gpt2"
+        tok = tokenizers[TOKENIZER_OF[arch]]
+        policy, reward = root / arch / "policy", root / arch / "reward_model"
+        build_policy(arch, tok, policy)
+        build_reward_model(arch, tok, reward)
+        worlds[arch] = World(arch, str(policy), str(reward), str(dataset), str(eval_dataset),
+                             gold=None, has_pad_token=with_pad)
+    return worlds
+
+
+def build_mismatched_reward(root: Path, arch: str = "llama") -> str:
+    """A reward model whose tokenizer has a different vocabulary (words and size) from the policies'."""
+    path = Path(root) / "mismatched_reward_model"
+    build_reward_model(arch, make_tokenizer(OTHER_WORDS, with_pad=True), path, seed=SEED + 7)
+    return str(path)
