@@ -68,6 +68,7 @@ def run_script(script: str, *args: str, cwd: str | os.PathLike | None = None, ti
         HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         WANDB_MODE="disabled",
+        OMP_NUM_THREADS="1",  # tiny models run fastest on one thread, and never oversubscribe a busy machine
     )
     return subprocess.run(
         [sys.executable, str(REPO / script), *map(str, args)],
@@ -288,3 +289,9 @@ def build_mismatched_reward(root: Path, arch: str = "llama") -> str:
     path = Path(root) / "mismatched_reward_model"
     build_reward_model(arch, make_tokenizer(OTHER_WORDS, with_pad=True), path, seed=SEED + 7)
     return str(path)
+
+
+def read_jsonl(path) -> list[dict]:
+    """The JSON objects of a .jsonl file, one per line."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
