@@ -1,0 +1,122 @@
+"""rloo_rlhf.py: the leave-one-out baseline, the exact expected gradient, and convergence to pi*."""
+
+import itertools
+
+import pytest
+import torch
+
+import rloo_rlhf as rloo
+from tests import enumeration as en
+from tests.helpers import read_jsonl, run_script
+
+BETA = 0.7
+TINY = ["--total-episodes", "32", "--batch-size", "16", "--eval-every", "16", "--eval-size", "8", "--response-length", "6"]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_leave_one_out_baseline_matches_a_naive_loop(k):
+    torch.manual_seed(0)
+    rewards = torch.randn(5 * k)
+    advantages, baselines = rloo.rloo_advantages(rewards, k)
+    for i in range(len(rewards)):
+        group = range(i - i % k, i - i % k + k)
+        others = [rewards[j].item() for j in group if j != i]
+        assert baselines[i].item() == pytest.approx(sum(others) / (k - 1), abs=1e-6)
+        assert advantages[i].item() == pytest.approx(rewards[i].item() - sum(others) / (k - 1), abs=1e-6)
+    mean = rewards.view(-1, k).mean(1, keepdim=True)
+    torch.testing.assert_close(advantages, (k / (k - 1) * (rewards.view(-1, k) - mean)).flatten())
+
+
+def expected_rloo_gradient(k, estimator, kl_in, scores):
+    """sum over every ordered draw of k responses of P(draw) * grad loss(draw), exactly.
+
+    loss(draw) is what rloo_rlhf.py minimises on a batch holding one prompt's k responses. On policy the
+    loss is linear in the advantages, so the weighted sum over draws is one batch whose advantages carry
+    the weight P(draw) * (number of draws): rloo_policy_loss averages over that batch.
+    """
+    first, second = en.tabular_policy(0)
+    ref_first, ref_second = en.tabular_policy(1)
+    logp, _ = en.token_logprobs(first, second)  # [V*V, 2]
+    ref_logp, _ = en.token_logprobs(ref_first.detach(), ref_second.detach())
+    probs = logp.sum(1).exp().detach()
+    draws = torch.tensor(list(itertools.product(range(len(probs)), repeat=k))).flatten()  # groups of k, in a row
+    lp, rlp = logp[draws], ref_logp[draws]
+    rewards = scores[draws].clone()
+    if kl_in == "reward":
+        rewards -= BETA * rloo.kl_penalty(lp.detach(), rlp, estimator).sum(1)
+    advantages, _ = rloo.rloo_advantages(rewards, k)
+    draw_weight = probs[draws].view(-1, k).prod(1).repeat_interleave(k) * (len(draws) // k)
+    seq_logp = lp.sum(1)
+    loss, *_ = rloo.rloo_policy_loss(seq_logp, seq_logp.detach(), advantages * draw_weight, 0.2)
+    if kl_in == "loss":
+        loss = loss + BETA * (draw_weight * rloo.kl_penalty(lp, rlp, estimator).sum(1)).mean()
+    return torch.autograd.grad(loss, [first, second])
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_expected_gradient_is_the_true_gradient_of_the_kl_regularised_objective(k):
+    """E[grad loss] = -grad (E[score] - beta KL(pi || pi_ref)): the leave-one-out baseline adds no bias."""
+    scores = torch.randn(en.V**2, generator=torch.Generator().manual_seed(3))
+    first, second = en.tabular_policy(0)
+    ref_first, ref_second = en.tabular_policy(1)
+    logp, _ = en.token_logprobs(first, second)
+    ref_logp, _ = en.token_logprobs(ref_first.detach(), ref_second.detach())
+    seq = logp.sum(1)
+    objective = (seq.exp() * (scores - BETA * (seq - ref_logp.sum(1)))).sum()  # exact, by enumeration
+    want = torch.autograd.grad(objective, [first, second])
+    got = expected_rloo_gradient(k, "k1", "reward", scores)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, -w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_option_gradients_match_their_docstring(estimator, kl_in):
+    """With scores 0 the expected gradient is the KL term's alone: the one kl_penalty's docstring names."""
+    got = expected_rloo_gradient(2, estimator, kl_in, torch.zeros(en.V**2))
+    for g, w in zip(got, en.named_gradient(estimator, kl_in, BETA)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_clipping_acts_only_from_the_second_epoch():
+    seq_old = torch.tensor([-3.0, -2.0, -1.0])
+    advantages = torch.tensor([1.0, -1.0, 2.0])
+    seq_new = seq_old.clone().requires_grad_()
+    loss, _, clipfrac, ratio_mean = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
+    assert clipfrac == 0 and ratio_mean == 1
+    torch.testing.assert_close(torch.autograd.grad(loss, seq_new)[0], -advantages / 3)  # plain REINFORCE
+    seq_new = (seq_old + torch.tensor([0.5, -0.5, 0.0])).requires_grad_()  # ratios e^0.5, e^-0.5, 1
+    loss, _, clipfrac, _ = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
+    grad = torch.autograd.grad(loss, seq_new)[0]
+    assert clipfrac == pytest.approx(2 / 3) and grad[0] == 0 and grad[1] == 0 and grad[2] != 0
+
+
+def test_converges_to_the_kl_regularised_optimum(tmp_path):
+    world = en.build_enum_world(tmp_path / "world")
+    beta = 0.1
+    out = tmp_path / "run"
+    result = run_script("rloo_rlhf.py", *world.args(), "--no-stop-at-eos", "--missing-eos-penalty", "None",
+                        "--temperature", "1.0", "--response-length", "2", "--kl-coef", str(beta),
+                        "--total-episodes", "9600", "--batch-size", "64", "--learning-rate", "1e-3",
+                        "--eval-every", "100000", "--eval-size", "1", "--output-dir", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ref = en.response_logprobs(world.policy)
+    optimum = en.optimum_logprobs(ref, en.response_scores(world.reward), beta)
+    trained = en.response_logprobs(str(out / "model"))
+    start, end = en.kl(ref, optimum), en.kl(trained, optimum)
+    assert start > 1.0  # the optimum is far from where training starts
+    assert end < 0.05, f"KL(pi || pi*) = {end:.4f} (started at {start:.4f})"
+
+
+def test_tinyworld_run_with_clipping_and_options(tinyworld, tmp_path):
+    """The default world, with the gold RM, two epochs (clip on), KL in the loss and normalised advantages."""
+    out = tmp_path / "run"
+    result = run_script("rloo_rlhf.py", *tinyworld.args(), *TINY, "--num-ppo-epochs", "2", "--kl-estimator", "k2",
+                        "--kl-in", "loss", "--normalize-advantage", "--ref-sync-every", "1",
+                        "--gradient-accumulation-steps", "2", "--output-dir", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert all("eval/gold_scores" in r for r in records if "eval/scores" in r)
+    train = [r for r in records if "objective/scores" in r]
+    assert all({"rloo/clipfrac", "rloo/approxkl", "rloo/ratio_mean"} <= set(r) for r in train)
+    assert train[-1]["rloo/approxkl"] > 0  # the second epoch saw a changed policy
