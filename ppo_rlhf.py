@@ -154,7 +154,11 @@ def load_prompts(name, flag):
         if not os.path.isfile(name):
             fail(f"{flag} {name}: no such file; pass a .jsonl file with one {{\"prompt\": ...}} object per line")
         with open(name) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        try:
+            rows = [json.loads(line) for line in lines]
+        except json.JSONDecodeError as e:
+            fail(f"{flag} {name}: a line is not valid JSON ({e}); each line must be one {{\"prompt\": ...}} object")
     else:
         import datasets  # lazy: only needed for hub datasets
 
@@ -175,9 +179,12 @@ def load_pretrained(auto_class, name, flag, **kwargs):
         fail(f"{flag} {name}: could not load it ({str(e).splitlines()[0]}); pass a folder saved with save_pretrained or a hub name")
 
 
-def tokenize_prompts(tokenizer, prompts, max_prompt_length):
+def tokenize_prompts(tokenizer, prompts, max_prompt_length, flag):
     """Token ids of each prompt, truncated from the left (the end of a prompt is what the response continues)."""
     ids = [tokenizer(p)["input_ids"] for p in prompts]
+    empty = sum(len(x) == 0 for x in ids)
+    if empty:  # e.g. "" with a tokenizer that adds no BOS: there is nothing to condition on
+        fail(f"{flag}: {empty} prompts are empty after tokenization; remove them or use a tokenizer that adds BOS")
     too_long = sum(len(x) > max_prompt_length for x in ids)
     if too_long:
         print(f"warning: {too_long} of {len(ids)} prompts are longer than --max-prompt-length {max_prompt_length} tokens; truncated from the left")
@@ -333,7 +340,7 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
     for i in range(0, len(eval_ids), args.batch_size):
         query, query_mask = left_pad(eval_ids[i : i + args.batch_size], pad_id, device)
         r = rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast)
-        gold = get_scores(gold_model, query, query_mask, r["responses"], r["mask"].long(), autocast) if gold_model else None
+        gold = get_scores(gold_model, query, query_mask, r["responses"], r["mask"].long(), autocast) if gold_model is not None else None
         stats.append((len(query), rollout_stats(r), None if gold is None else gold.mean().item()))
         for j in range(len(query)):
             samples.append({"prompt": tokenizer.decode(query[j][query_mask[j].bool()], skip_special_tokens=True),
@@ -347,7 +354,7 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
 
 
 def setup_run(args):
-    """Seed everything, pick the device and precision, and create the run folder."""
+    """Seed everything and pick the device and precision."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
@@ -357,9 +364,6 @@ def setup_run(args):
     amp_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
     autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
     frozen_dtype = amp_dtype if use_amp else torch.float32  # reference and reward models are only ever read
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
     return device, autocast, frozen_dtype
 
 
@@ -407,9 +411,13 @@ def check_finite(loss, update):
 
 
 class RunLogger:
-    """Appends records to metrics.jsonl, mirrors them to wandb with --track, and shows a tqdm bar."""
+    """Creates the run folder, appends records to metrics.jsonl, mirrors them to wandb with --track, shows a tqdm bar."""
 
     def __init__(self, args, run_name):
+        # Created only after every check has passed, so a bad flag leaves nothing behind.
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
         self.output_dir = args.output_dir  # fresh files: with --overwrite-output-dir the old run's records go
         self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
         open(os.path.join(args.output_dir, "samples.jsonl"), "w").close()
@@ -534,8 +542,8 @@ if __name__ == "__main__":
     device, autocast, frozen_dtype = setup_run(args)
     tokenizer, policy, ref_policy, reward_model, gold_model = load_models(args, device, frozen_dtype)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length)
-    eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length)
+    train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
+    eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
     # The value model is a copy of the RM (backbone + scalar head), trained; it is the critic of InstructGPT.
     value_model = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name, "--reward-model-name", num_labels=1, dtype=torch.float32).to(device).eval()
     params = list(policy.parameters()) + list(value_model.parameters())

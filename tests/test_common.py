@@ -84,7 +84,7 @@ def bad_run(script, tmp_path, world, *flags):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.count("error:") == 1, result.stderr[-3000:]
-    assert not (out / "metrics.jsonl").exists()  # stopped before training
+    assert not out.exists()  # stopped before training, and left nothing behind
     return result.stderr
 
 
@@ -106,7 +106,8 @@ def test_bad_input_reward_model_tokenizer_differs(script, tmp_path, llama, misma
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("content,why", [("", "no rows"), ('{"text": "hi"}\n', "no `prompt` field")])
+@pytest.mark.parametrize("content,why", [("", "no rows"), ('{"text": "hi"}\n', "no `prompt` field"),
+                                         ('{"prompt": "a"}\nnot json\n', "not valid JSON")])
 def test_bad_input_dataset(script, tmp_path, llama, content, why):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
