@@ -126,7 +126,10 @@ ALGO_BAD_FLAGS = {
                     (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps")],
     "rloo_rlhf.py": [(["--rloo-k", "3"], "--rloo-k"), (["--rloo-k", "1"], "--rloo-k"),
                      (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps")],
-    "sac_rlhf.py": [],
+    "sac_rlhf.py": [(["--buffer-size", "8"], "--buffer-size"), (["--n-step", "0"], "--n-step"),
+                    (["--tau", "0"], "--tau"), (["--tau", "1.5"], "--tau"), (["--gamma", "1.5"], "--gamma"),
+                    (["--alpha", "-1"], "--alpha"), (["--alpha", "0", "--autotune"], "--alpha"),
+                    (["--updates-per-rollout", "0"], "--updates-per-rollout")],
 }
 
 

@@ -1,0 +1,725 @@
+"""SAC for RLHF: discrete token-level Soft Actor-Critic with a KL penalty to a frozen reference.
+
+The token-level MDP: the state is the prompt plus the response so far, the action is the next token, the
+reward is the RM score (after the missing-EOS penalty) at the last response token and 0 before it. SAC
+maximises E[sum_t r_t + alpha * H(pi(.|s_t)) - beta * KL(pi(.|s_t) || pi_ref(.|s_t))], beta = --kl-coef.
+The critic gives Q(s, .) over the whole vocabulary (twin heads on the reward model's backbone, with a
+Polyak-averaged target copy), so the soft value and the policy loss are exact sums over the vocabulary,
+with no sampled actions. The policy loss is minimised by pi proportional to
+pi_ref^(beta / (alpha + beta)) * exp(Q / (alpha + beta)): the pretrained model stays in the target.
+Every rollout goes into a replay buffer of whole responses, and each rollout is followed by several
+gradient steps on responses sampled from it (off-policy), with n-step targets for the sparse reward.
+
+Follows Haarnoja et al. 2018 (SAC), Christodoulou 2019 ("Soft Actor-Critic for Discrete Action
+Settings"), the KL-regularised soft RL view (Rawlik et al. 2012; Fox et al. 2016, "Taming the Noise"),
+Wang et al. 2016 (dueling networks) and Hessel et al. 2018 (n-step returns in Rainbow). Style: CleanRL.
+
+Usage: python sac_rlhf.py --help   (defaults train on the built-in offline tinyworld in a few minutes)
+"""
+
+import contextlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import torch
+import transformers
+import tyro
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+transformers.utils.logging.disable_progress_bar()  # keep the output to our own progress bar
+TINYWORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyworld")
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "rlhf"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    model_name: str = os.path.join(TINYWORLD, "sft")
+    """policy initialisation and frozen reference: a hub name or a local folder"""
+    reward_model_name: str = os.path.join(TINYWORLD, "reward_model")
+    """reward model (sequence classification, one label) that RL optimises: a hub name or a local folder"""
+    gold_reward_model_name: Optional[str] = os.path.join(TINYWORLD, "gold_reward_model")
+    """second reward model used only for evaluation (None disables)"""
+    dataset: str = os.path.join(TINYWORLD, "prompts_train.jsonl")
+    """training prompts: a .jsonl file with a `prompt` field, or a hub dataset `name[:split]`"""
+    eval_dataset: str = os.path.join(TINYWORLD, "prompts_eval.jsonl")
+    """evaluation prompts, same format as --dataset"""
+    max_prompt_length: int = 16
+    """prompts longer than this many tokens are truncated from the left"""
+    response_length: int = 24
+    """maximum number of new tokens per response"""
+    temperature: float = 1.0
+    """sampling temperature; training log-probs are computed from logits / temperature"""
+    stop_at_eos: bool = True
+    """truncate each response after its first EOS; off = fixed-length responses"""
+    missing_eos_penalty: Optional[float] = 1.0
+    """subtracted from the score of a response with no EOS (None disables)"""
+    total_episodes: int = 16384
+    """number of sampled responses over the whole run"""
+    batch_size: int = 64
+    """responses sampled per rollout"""
+    learning_rate: float = 3e-4
+    """the policy's learning rate"""
+    kl_coef: float = 0.05
+    """beta, the weight of the KL penalty to the reference policy"""
+    ref_sync_every: int = 0
+    """every N updates set ref <- mix * policy + (1 - mix) * ref; 0 = never"""
+    ref_sync_mix: float = 1.0
+    """the mix of the reference reset (1.0 = copy the policy)"""
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    """autocast dtype on CUDA (fp32 weights and optimizer state); the CPU always runs fp32"""
+    eval_every: int = 2048
+    """evaluate every N episodes (and before and after training)"""
+    eval_size: int = 128
+    """number of evaluation prompts (the first N of --eval-dataset)"""
+    output_dir: Optional[str] = None
+    """run folder; default runs/<run_name>"""
+    overwrite_output_dir: bool = False
+    """allow writing into an output folder that already holds a run"""
+    save_model: bool = True
+    """save the final policy and tokenizer to <output-dir>/model"""
+
+    # Algorithm specific arguments
+    alpha: float = 0.0
+    """the entropy coefficient (the initial one with --autotune); 0 (default) turns the entropy term off: the KL
+    term already keeps the policy stochastic, and on the tinyworld alpha > 0 only raised the KL and lowered the gold score"""
+    autotune: bool = False
+    """tune alpha so that the policy's per-token entropy stays above the target (Haarnoja et al. 2018b)"""
+    target_entropy_scale: float = 0.5
+    """target entropy = this times the reference policy's own mean per-token entropy at the same states"""
+    q_learning_rate: float = 1e-3
+    """the critic's (and alpha's) learning rate"""
+    tau: float = 0.05
+    """Polyak rate of the target critic: target <- tau * critic + (1 - tau) * target after every step"""
+    gamma: float = 1.0
+    """the discount factor"""
+    n_step: int = 8
+    """n of the n-step critic targets (1 = one-step TD: on the tinyworld it bootstraps from a critic that rates
+    unfinished text too high, and the policy learns never to end; 8 carries the final score back quickly)"""
+    buffer_size: int = 1024
+    """replay buffer capacity, in responses (first in, first out)"""
+    learning_starts: int = 0
+    """responses in the buffer before gradient steps begin"""
+    updates_per_rollout: int = 4
+    """gradient steps (critic, actor and alpha) after each rollout"""
+    minibatch_size: Optional[int] = None
+    """responses sampled from the buffer per gradient step (None = --batch-size)"""
+    max_grad_norm: Optional[float] = 1.0
+    """global gradient-norm clip of the actor and of the critic (None disables)"""
+
+
+# ------------------------------------------------------------------------------------------------
+# Common helpers: the same text in ppo_rlhf.py, rloo_rlhf.py and sac_rlhf.py.
+# ------------------------------------------------------------------------------------------------
+def fail(message):
+    """Stop before any training with one clear message (DESIGN.md section 8)."""
+    raise SystemExit(f"error: {message}")
+
+
+def check_common_args(args):
+    """Reject bad common flags before anything is loaded."""
+    if args.response_length < 1:
+        fail(f"--response-length must be at least 1 (got {args.response_length})")
+    if args.max_prompt_length < 1:
+        fail(f"--max-prompt-length must be at least 1 (got {args.max_prompt_length})")
+    if args.temperature <= 0:
+        fail(f"--temperature must be positive (got {args.temperature}); sampling needs a proper distribution")
+    if args.batch_size < 1 or args.total_episodes < args.batch_size:
+        fail(f"--total-episodes ({args.total_episodes}) must be at least --batch-size ({args.batch_size}) >= 1")
+    if args.eval_every < 1 or args.eval_size < 1:
+        fail("--eval-every and --eval-size must be at least 1")
+    if not 0.0 < args.ref_sync_mix <= 1.0:
+        fail(f"--ref-sync-mix must be in (0, 1] (got {args.ref_sync_mix})")
+    if os.path.exists(os.path.join(args.output_dir, "args.json")) and not args.overwrite_output_dir:
+        fail(f"--output-dir {args.output_dir} already holds a run; choose another folder or pass --overwrite-output-dir")
+
+
+def load_prompts(name, flag):
+    """Prompts from a local .jsonl file with a `prompt` field, or from a hub dataset `name[:split]`."""
+    if name.endswith(".jsonl"):
+        if not os.path.isfile(name):
+            fail(f"{flag} {name}: no such file; pass a .jsonl file with one {{\"prompt\": ...}} object per line")
+        with open(name) as f:
+            lines = [line for line in f if line.strip()]
+        try:
+            rows = [json.loads(line) for line in lines]
+        except json.JSONDecodeError as e:
+            fail(f"{flag} {name}: a line is not valid JSON ({e}); each line must be one {{\"prompt\": ...}} object")
+    else:
+        import datasets  # lazy: only needed for hub datasets
+
+        repo, _, split = name.partition(":")
+        rows = datasets.load_dataset(repo, split=split or "train")
+    if len(rows) == 0:
+        fail(f"{flag} {name} has no rows")
+    if "prompt" not in rows[0]:
+        fail(f"{flag} {name} has no `prompt` field (found {sorted(rows[0])}); rename the prompt column to `prompt`")
+    return [row["prompt"] for row in rows]
+
+
+def load_pretrained(auto_class, name, flag, **kwargs):
+    """from_pretrained with a clear error naming the flag when the folder or hub name does not load."""
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {name}: could not load it ({str(e).splitlines()[0]}); pass a folder saved with save_pretrained or a hub name")
+
+
+def tokenize_prompts(tokenizer, prompts, max_prompt_length, flag):
+    """Token ids of each prompt, truncated from the left (the end of a prompt is what the response continues)."""
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    empty = sum(len(x) == 0 for x in ids)
+    if empty:  # e.g. "" with a tokenizer that adds no BOS: there is nothing to condition on
+        fail(f"{flag}: {empty} prompts are empty after tokenization; remove them or use a tokenizer that adds BOS")
+    too_long = sum(len(x) > max_prompt_length for x in ids)
+    if too_long:
+        print(f"warning: {too_long} of {len(ids)} prompts are longer than --max-prompt-length {max_prompt_length} tokens; truncated from the left")
+    return [x[-max_prompt_length:] for x in ids]
+
+
+def next_prompt_indices(order, n, num_prompts):
+    """The next n indices of a prompt stream that reshuffles all prompts on every pass; consumes `order`."""
+    while len(order) < n:
+        order += random.sample(range(num_prompts), num_prompts)
+    batch = order[:n]
+    del order[:n]
+    return batch
+
+
+def left_pad(seqs, pad_id, device):
+    """Stack token lists into a left-padded batch, so every response starts at the same column."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+def position_ids(mask):
+    """Positions that count only real tokens, so left padding does not shift them (N details, #3)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(model, query, query_mask, args, eos_id, generator, autocast):
+    """Sample up to --response-length tokens per row from softmax(logits / temperature), with a KV cache.
+
+    Stops early once every row has produced an EOS (with --stop-at-eos); tokens a row samples after its
+    own EOS are masked out later by `response_mask`. No top-k/top-p: training log-probs must describe
+    exactly the distribution that was sampled.
+    """
+    input_ids, attention_mask, positions = query, query_mask, position_ids(query_mask)
+    cache, tokens = None, []
+    ended = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
+    for _ in range(args.response_length):
+        with autocast:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        probs = torch.softmax(out.logits[:, -1].float() / args.temperature, dim=-1)
+        if not torch.isfinite(probs).all():  # the last update broke the policy: say so rather than sample garbage
+            raise SystemExit("error: non-finite next-token probabilities: the policy diverged at the last update; "
+                             "stopping without saving. Try a lower --learning-rate or --max-grad-norm")
+        next_token = torch.multinomial(probs, 1, generator=generator)
+        tokens.append(next_token)
+        ended |= next_token[:, 0] == eos_id
+        if args.stop_at_eos and ended.all():
+            break
+        input_ids, positions = next_token, positions[:, -1:] + 1
+        attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
+    return torch.cat(tokens, dim=1)
+
+
+def response_mask(responses, eos_id, pad_id, stop_at_eos):
+    """Mask of real response tokens, responses with post-EOS tokens set to pad, and whether each has an EOS.
+
+    With --stop-at-eos a response ends at its first EOS, which is a real token (it is what the policy chose
+    and what the RM reads); everything after is padding. Masks are computed from positions, never by
+    comparing ids to pad_id, because pad and EOS can be the same id (GPT-2, Pythia).
+    """
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(dim=1)
+    if not stop_at_eos:
+        return torch.ones_like(responses), responses, has_eos
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).long(), responses.masked_fill(after_eos, pad_id), has_eos
+
+
+def backbone_hidden(model, query, query_mask, responses, resp_mask, autocast):
+    """Last hidden states of a sequence-classification model's backbone over prompt + response."""
+    input_ids = torch.cat([query, responses], dim=1)
+    mask = torch.cat([query_mask, resp_mask], dim=1)
+    with autocast:
+        backbone = getattr(model, model.base_model_prefix)  # e.g. `.model` for Llama, `.transformer` for GPT-2
+        return backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+
+
+def forward_logprobs(model, query, query_mask, responses, resp_mask, temperature, autocast):
+    """Per-token log pi(y_t | x, y_<t) and exact per-token entropy, in fp32, from logits / temperature."""
+    input_ids = torch.cat([query, responses], dim=1)
+    mask = torch.cat([query_mask, resp_mask], dim=1)
+    with autocast:
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    # The logit at position i predicts token i + 1: keep those that predict the response tokens.
+    logits = logits[:, query.shape[1] - 1 : -1].float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy
+
+
+@torch.no_grad()
+def get_scores(reward_model, query, query_mask, responses, resp_mask, autocast):
+    """The RM's scalar score read at the last real token of prompt + truncated response."""
+    hidden = backbone_hidden(reward_model, query, query_mask, responses, resp_mask, autocast)
+    last = query.shape[1] + resp_mask.sum(1) - 1
+    return reward_model.score(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x, mask):
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+@torch.no_grad()
+def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast):
+    """Sample responses and everything the losses and logs need about them, with no gradient."""
+    raw = generate(policy, query, query_mask, args, eos_id, generator, autocast)
+    mask, responses, has_eos = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
+    logprobs, entropy = forward_logprobs(policy, query, query_mask, responses, mask, args.temperature, autocast)
+    ref_logprobs, _ = forward_logprobs(ref_policy, query, query_mask, responses, mask, args.temperature, autocast)
+    scores = get_scores(reward_model, query, query_mask, responses, mask, autocast)
+    if args.missing_eos_penalty is not None:  # discourage responses that never end (N details, #9)
+        scores = scores - args.missing_eos_penalty * (~has_eos).float()
+    mask = mask.float()
+    return dict(responses=responses, mask=mask, has_eos=has_eos, logprobs=logprobs * mask,
+                ref_logprobs=ref_logprobs * mask, entropy=entropy, scores=scores)
+
+
+def rollout_stats(r):
+    """The common objective/... metrics of one rollout batch (DESIGN.md section 5)."""
+    kl = ((r["logprobs"] - r["ref_logprobs"]) * r["mask"]).sum(1)  # sequence-level k1 on the sampled tokens
+    return {"scores": r["scores"].mean().item(), "kl": kl.mean().item(),
+            "entropy": masked_mean(r["entropy"], r["mask"]).item(),
+            "response_length": r["mask"].sum(1).mean().item(), "eos_rate": r["has_eos"].float().mean().item()}
+
+
+def train_record(r, episode, update, lr, kl_coef, start_time, time_rollout, time_update, device):
+    """The common keys of a training record (DESIGN.md section 5); the algorithm adds its own."""
+    stats, elapsed = rollout_stats(r), time.time() - start_time
+    record = {"episode": episode, "update": update, "time/elapsed_s": elapsed, "time/episodes_per_s": episode / elapsed,
+              "time/rollout_s": time_rollout, "time/update_s": time_update, "lr": lr,
+              "objective/scores": stats["scores"], "objective/kl": stats["kl"], "objective/kl_coef": kl_coef,
+              "objective/rlhf_reward": stats["scores"] - kl_coef * stats["kl"], "objective/entropy": stats["entropy"],
+              "objective/response_length": stats["response_length"], "objective/eos_rate": stats["eos_rate"]}
+    if device.type == "cuda":
+        record["memory/cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return record
+
+
+@torch.no_grad()
+def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, eos_id, pad_id, device, autocast):
+    """Sample one response per evaluation prompt (fixed seed, so evaluations are comparable) and score it."""
+    generator = torch.Generator(device=device).manual_seed(args.seed + 12345)
+    stats, samples = [], []
+    for i in range(0, len(eval_ids), args.batch_size):
+        query, query_mask = left_pad(eval_ids[i : i + args.batch_size], pad_id, device)
+        r = rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast)
+        gold = get_scores(gold_model, query, query_mask, r["responses"], r["mask"].long(), autocast) if gold_model is not None else None
+        stats.append((len(query), rollout_stats(r), None if gold is None else gold.mean().item()))
+        for j in range(len(query)):
+            samples.append({"prompt": tokenizer.decode(query[j][query_mask[j].bool()], skip_special_tokens=True),
+                            "response": tokenizer.decode(r["responses"][j][r["mask"][j].bool()], skip_special_tokens=True),
+                            "score": r["scores"][j].item(), "gold_score": None if gold is None else gold[j].item()})
+    n = sum(s[0] for s in stats)
+    record = {f"eval/{k}": sum(s[0] * s[1][k] for s in stats) / n for k in stats[0][1]}
+    if gold_model is not None:
+        record["eval/gold_scores"] = sum(s[0] * s[2] for s in stats) / n
+    return record, samples
+
+
+def setup_run(args):
+    """Seed everything and pick the device and precision."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # bf16/fp16 autocast for forward passes on CUDA only; weights, optimizer state, softmaxes and losses stay fp32.
+    use_amp = device.type == "cuda" and args.mixed_precision != "no"
+    amp_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
+    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+    frozen_dtype = amp_dtype if use_amp else torch.float32  # reference and reward models are only ever read
+    return device, autocast, frozen_dtype
+
+
+def load_models(args, device, frozen_dtype):
+    """Tokenizer, trainable policy, frozen reference, reward and gold models, with the checks of DESIGN.md 8."""
+    tokenizer = load_pretrained(AutoTokenizer, args.model_name, "--model-name")
+    if tokenizer.eos_token_id is None:
+        fail(f"--model-name {args.model_name}: the tokenizer has no EOS token, so responses cannot end; set tokenizer.eos_token")
+    if tokenizer.pad_token_id is None:  # e.g. GPT-2: padding is always masked, so EOS can stand in for it
+        print(f"note: the tokenizer of {args.model_name} has no pad token; using EOS ({tokenizer.eos_token!r}) as pad")
+        tokenizer.pad_token = tokenizer.eos_token
+    for flag, name in [("--reward-model-name", args.reward_model_name), ("--gold-reward-model-name", args.gold_reward_model_name)]:
+        if name is not None and load_pretrained(AutoTokenizer, name, flag).get_vocab() != tokenizer.get_vocab():
+            fail(f"{flag} {name}: its tokenizer differs from the policy's ({args.model_name}); the RM reads the policy's token ids, so use an RM trained with the same tokenizer")
+    # fp32 master weights for what is trained (from_pretrained would otherwise keep the checkpoint's dtype).
+    policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
+    ref_policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=frozen_dtype).to(device)
+    reward_model = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name, "--reward-model-name", num_labels=1, dtype=frozen_dtype).to(device)
+    gold_model = None
+    if args.gold_reward_model_name is not None:
+        gold_model = load_pretrained(AutoModelForSequenceClassification, args.gold_reward_model_name, "--gold-reward-model-name", num_labels=1, dtype=frozen_dtype).to(device)
+    # Dropout off everywhere, trained models included: eval mode keeps log-probs of the same tokens identical
+    # between rollout and update (N details, #1). Gradients flow in eval mode as usual.
+    for model in (policy, ref_policy, reward_model, gold_model):
+        if model is not None:
+            model.eval()
+    for model in (ref_policy, reward_model, gold_model):
+        if model is not None:
+            model.requires_grad_(False)
+    return tokenizer, policy, ref_policy, reward_model, gold_model
+
+
+@torch.no_grad()
+def sync_reference(ref_policy, policy, mix):
+    """Reference reset: ref <- mix * policy + (1 - mix) * ref."""
+    for ref_param, param in zip(ref_policy.parameters(), policy.parameters()):
+        ref_param.lerp_(param.to(ref_param.dtype), mix)
+
+
+def check_finite(loss, update):
+    """Stop at the first NaN or inf loss; the last good model is left as it is."""
+    if not torch.isfinite(loss):
+        raise SystemExit(f"error: non-finite loss ({loss.item()}) at update {update}; stopping without saving. "
+                         "Try a lower --learning-rate or --max-grad-norm")
+
+
+class RunLogger:
+    """Creates the run folder, appends records to metrics.jsonl, mirrors them to wandb with --track, shows a tqdm bar."""
+
+    def __init__(self, args, run_name):
+        # Created only after every check has passed, so a bad flag leaves nothing behind.
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+        self.output_dir = args.output_dir  # fresh files: with --overwrite-output-dir the old run's records go
+        self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+        open(os.path.join(args.output_dir, "samples.jsonl"), "w").close()
+        self.wandb = None
+        if args.track:
+            import wandb  # lazy: only needed with --track
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name)
+            self.wandb = wandb
+        self.bar = tqdm(total=args.total_episodes, unit="episode", dynamic_ncols=True)
+
+    def log(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["episode"])
+        if "objective/scores" in record:
+            self.bar.n = record["episode"]
+            self.bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.3f}")
+
+    def log_samples(self, episode, samples):
+        """Append one evaluation's prompts, responses and scores to samples.jsonl."""
+        with open(os.path.join(self.output_dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps({"episode": episode, **s}) + "\n" for s in samples)
+
+    def close(self):
+        self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ------------------------------------------------------------------------------------------------
+# ALGO LOGIC: SAC helpers
+# ------------------------------------------------------------------------------------------------
+def forward_all_logprobs(model, query, query_mask, responses, resp_mask, temperature, autocast):
+    """log pi(. | s_t) over the whole vocabulary at every response position t, in fp32, from logits / temperature.
+
+    SAC needs the full distribution (not only the sampled token's log-prob) for its exact sums over actions.
+    """
+    input_ids = torch.cat([query, responses], dim=1)
+    mask = torch.cat([query_mask, resp_mask], dim=1)
+    with autocast:
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    return torch.log_softmax(logits[:, query.shape[1] - 1 : -1].float() / temperature, dim=-1)
+
+
+class SoftQNetwork(torch.nn.Module):
+    """Twin soft Q-functions over the whole vocabulary, on one backbone initialised from the reward model.
+
+    Dueling form (Wang et al. 2016): Q_j(s, a) = b(s) + A_j(s, a). b is the RM's own score head read at state
+    s (a prefix score, a natural first guess of the return), A_j a linear head over the vocabulary, started
+    at (almost) zero. So at the start Q(s, .) is (almost) constant over actions and the policy's optimum is
+    pi_ref itself, and a token never tried inherits the value of its state instead of an arbitrary 0, which
+    with an exp(Q / beta) policy would pull all mass onto untried tokens whenever scores are negative.
+    The two A heads start from different tiny random weights (a zero start would keep them identical forever:
+    same features, same targets), so min_j Q_j is pessimistic where they disagree (Fujimoto et al. 2018).
+    """
+
+    def __init__(self, reward_model, vocab_size):
+        super().__init__()
+        self.model = reward_model  # AutoModelForSequenceClassification: backbone + `score` head, both trained
+        hidden = reward_model.score.in_features
+        self.advantage = torch.nn.Linear(hidden, 2 * vocab_size)
+        torch.nn.init.normal_(self.advantage.weight, std=1e-3 / hidden)  # |A| ~ 1e-4: pi* = pi_ref to 0.1%
+        torch.nn.init.zeros_(self.advantage.bias)
+
+    def forward(self, query, query_mask, responses, resp_mask, autocast):
+        """Q_j(s_t, .) for every response position t, [batch, time, 2, vocab], from one forward pass."""
+        hidden = backbone_hidden(self.model, query, query_mask, responses, resp_mask, autocast)
+        hidden = hidden[:, query.shape[1] - 1 : -1].float()  # the state before token t: prompt + y_<t
+        baseline = self.model.score(hidden)  # [B, T, 1]
+        advantage = self.advantage(hidden).view(*hidden.shape[:2], 2, -1)
+        return baseline.unsqueeze(-1) + advantage
+
+
+class ReplayBuffer:
+    """Whole responses (prompt ids, response ids, score), first in, first out; a sample is re-padded."""
+
+    def __init__(self, capacity):
+        self.capacity, self.items, self.next = capacity, [], 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def add(self, query, query_mask, responses, mask, scores):
+        for i in range(len(query)):  # only the real tokens: padding is rebuilt for each sampled minibatch
+            item = (query[i][query_mask[i].bool()].tolist(), responses[i][mask[i].bool()].tolist(), scores[i].item())
+            if len(self.items) < self.capacity:
+                self.items.append(item)
+            else:
+                self.items[self.next] = item  # overwrite the oldest response
+            self.next = (self.next + 1) % self.capacity
+
+    def sample(self, n, pad_id, device):
+        """n distinct responses, uniformly: left-padded prompts, right-padded responses, mask and scores."""
+        items = random.sample(self.items, n)
+        query, query_mask = left_pad([x[0] for x in items], pad_id, device)
+        width = max(len(x[1]) for x in items)
+        responses = torch.tensor([x[1] + [pad_id] * (width - len(x[1])) for x in items], device=device)
+        mask = torch.tensor([[1.0] * len(x[1]) + [0.0] * (width - len(x[1])) for x in items], device=device)
+        return query, query_mask, responses, mask, torch.tensor([x[2] for x in items], device=device)
+
+
+def soft_bonus(logp, ref_logp, alpha, beta):
+    """sum_a pi(a|s) [-(alpha + beta) log pi(a|s) + beta log pi_ref(a|s)] = alpha H(pi) - beta KL(pi || pi_ref), per state."""
+    return (logp.exp() * (-(alpha + beta) * logp + beta * ref_logp)).sum(-1)
+
+
+def soft_value(logp, ref_logp, q_min, alpha, beta):
+    """V(s) = sum_a pi(a|s) [min_j Qbar_j(s, a) - (alpha + beta) log pi(a|s) + beta log pi_ref(a|s)], exactly."""
+    return (logp.exp() * q_min).sum(-1) + soft_bonus(logp, ref_logp, alpha, beta)
+
+
+def shift(x, i):
+    """x[:, t + i] at column t, and 0 past the end."""
+    return torch.cat([x[:, i:], torch.zeros_like(x[:, :i])], dim=1) if i > 0 else x
+
+
+def n_step_targets(rewards, bonuses, values, mask, gamma, n):
+    """y_t = sum_{i<n} g^i r_{t+i} + sum_{1<=i<n} g^i bonus(s_{t+i}) + g^n V(s_{t+n}), cut at the episode's end.
+
+    The episode ends at the last real token (an EOS, or the length cut-off: the RM scores it and the horizon
+    ends there), so every term past it is 0 (done = 1). bonus(s) = alpha H - beta KL at s, exact under the
+    current policy: the soft terms of the states the response went through (Haarnoja et al. 2018, eq. 3).
+    Off-policy bias: the intermediate tokens come from an older policy, so for n > 1 the target is the soft
+    value of "follow the buffer's tokens for n - 1 steps, then the current policy"; no importance correction
+    (as in Rainbow). It vanishes for n = 1 and for fresh data, which a small buffer keeps the data close to.
+    """
+    rewards, bonuses, values = rewards * mask, bonuses * mask, values * mask  # nothing after the end
+    targets = torch.zeros_like(rewards)
+    for i in range(n):
+        targets += gamma**i * shift(rewards, i)
+        if i > 0:
+            targets += gamma**i * shift(bonuses, i)
+    return (targets + gamma**n * shift(values, n)) * mask
+
+
+def sac_policy_loss(logp, ref_logp, q_min, alpha, beta, mask):
+    """Mean over states of sum_a pi(a|s) [(alpha + beta) log pi(a|s) - beta log pi_ref(a|s) - min_j Q_j(s, a)].
+
+    The exact expectation over the vocabulary (Christodoulou 2019), so no reparameterisation or sampling.
+    Per state it is (alpha + beta) KL(pi || pi*) + const with pi* proportional to
+    pi_ref^(beta / (alpha + beta)) exp(Q / (alpha + beta)): its minimiser. Averaged over states, not tokens.
+    """
+    per_state = (logp.exp() * ((alpha + beta) * logp - beta * ref_logp - q_min)).sum(-1)
+    return masked_mean(per_state, mask)
+
+
+@torch.no_grad()
+def polyak_update(target, source, tau):
+    """target <- tau * source + (1 - tau) * target (Haarnoja et al. 2018)."""
+    for target_param, param in zip(target.parameters(), source.parameters()):
+        target_param.lerp_(param, tau)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    check_common_args(args)
+    minibatch_size = args.minibatch_size or args.batch_size
+    if args.buffer_size < max(args.batch_size, minibatch_size):
+        fail(f"--buffer-size {args.buffer_size} must hold at least one rollout (--batch-size {args.batch_size}) and one minibatch (--minibatch-size {minibatch_size})")
+    if minibatch_size < 1:
+        fail(f"--minibatch-size must be at least 1 (got {minibatch_size})")
+    if args.n_step < 1:
+        fail(f"--n-step must be at least 1 (got {args.n_step}); 1 is one-step TD")
+    if not 0.0 < args.tau <= 1.0:
+        fail(f"--tau must be in (0, 1] (got {args.tau}); 1 copies the critic into the target at every step")
+    if not 0.0 <= args.gamma <= 1.0:
+        fail(f"--gamma must be in [0, 1] (got {args.gamma})")
+    if args.alpha < 0 or (args.autotune and args.alpha == 0):
+        fail(f"--alpha must be >= 0, and > 0 with --autotune, where it is the initial value (got {args.alpha}); use --alpha 0 --no-autotune to turn the entropy term off")
+    if args.target_entropy_scale < 0:
+        fail(f"--target-entropy-scale must be >= 0 (got {args.target_entropy_scale})")
+    if args.updates_per_rollout < 1 or args.learning_starts < 0:
+        fail("--updates-per-rollout must be at least 1 and --learning-starts at least 0")
+    train_prompts = load_prompts(args.dataset, "--dataset")
+    eval_prompts = load_prompts(args.eval_dataset, "--eval-dataset")[: args.eval_size]
+
+    # MODELS
+    device, autocast, frozen_dtype = setup_run(args)
+    tokenizer, policy, ref_policy, reward_model, gold_model = load_models(args, device, frozen_dtype)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
+    eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
+    # The critic: the RM's backbone and score head (trained) plus twin advantage heads over the policy's logits
+    # width (which can exceed len(tokenizer)); its target is a second copy, Polyak-averaged.
+    vocab_size = policy.get_output_embeddings().weight.shape[0]
+    critic, critic_target = [SoftQNetwork(load_pretrained(AutoModelForSequenceClassification, args.reward_model_name, "--reward-model-name", num_labels=1, dtype=torch.float32), vocab_size).to(device).eval() for _ in range(2)]
+    critic_target.load_state_dict(critic.state_dict())
+    critic_target.requires_grad_(False)
+    params, q_params = list(policy.parameters()), list(critic.parameters())
+    # Same optimizer settings as the other scripts; no weight decay, so the KL-regularised optimum stays the fixed point.
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+    q_optimizer = torch.optim.AdamW(q_params, lr=args.q_learning_rate, eps=1e-5, weight_decay=0.0)
+    # alpha = exp(log_alpha) stays positive while tuned; with --no-autotune it is the constant --alpha (maybe 0).
+    log_alpha = torch.tensor(float(args.alpha), device=device).clamp(min=1e-30).log().requires_grad_(args.autotune)
+    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_learning_rate) if args.autotune else None
+    # fp16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.mixed_precision == "fp16")
+    logger = RunLogger(args, run_name)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    num_updates = args.total_episodes // args.batch_size
+    kl_coef = args.kl_coef
+    buffer = ReplayBuffer(args.buffer_size)
+    episode, next_eval, order = 0, args.eval_every, []
+    time_rollout = time_update = 0.0
+    start_time = time.time()
+
+    record, samples = evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, eos_id, pad_id, device, autocast)
+    logger.log({"episode": 0, **record})
+    logger.log_samples(0, samples)
+
+    for update in range(1, num_updates + 1):
+        # Linear learning-rate decay to 0 over the run, as in the PPO script (the critic's decays alongside).
+        lr = args.learning_rate * (1.0 - (update - 1.0) / num_updates)
+        optimizer.param_groups[0]["lr"] = lr
+        q_optimizer.param_groups[0]["lr"] = args.q_learning_rate * lr / args.learning_rate
+
+        # ROLLOUT: a batch of prompts (reshuffled each pass over the data), one response each, into the buffer.
+        t0 = time.time()
+        batch = next_prompt_indices(order, args.batch_size, len(train_ids))
+        query, query_mask = left_pad([train_ids[i] for i in batch], pad_id, device)
+        r = rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast)
+        buffer.add(query, query_mask, r["responses"], r["mask"], r["scores"])
+        episode += args.batch_size
+        time_rollout += time.time() - t0
+
+        # ALGO LOGIC: --updates-per-rollout gradient steps on minibatches of whole responses from the buffer.
+        t0 = time.time()
+        # Before learning starts the SAC keys are logged as 0, so every record has the same keys.
+        stats = {k: [0.0] for k in ["loss/policy", "loss/q", "sac/q_mean", "loss/alpha", "sac/entropy_target", "sac/policy_entropy"]}
+        if len(buffer) >= max(args.learning_starts, minibatch_size):
+            stats = {k: [] for k in stats}
+            for _ in range(args.updates_per_rollout):
+                mb_query, mb_query_mask, mb_responses, mb_mask, mb_scores = buffer.sample(minibatch_size, pad_id, device)
+                mb_resp_mask = mb_mask.long()
+                alpha = log_alpha.exp().item() if args.autotune else args.alpha
+                logp = forward_all_logprobs(policy, mb_query, mb_query_mask, mb_responses, mb_resp_mask, args.temperature, autocast)
+                q_all = critic(mb_query, mb_query_mask, mb_responses, mb_resp_mask, autocast)
+                with torch.no_grad():
+                    ref_logp = forward_all_logprobs(ref_policy, mb_query, mb_query_mask, mb_responses, mb_resp_mask, args.temperature, autocast)
+                    q_next = critic_target(mb_query, mb_query_mask, mb_responses, mb_resp_mask, autocast).min(2).values
+                    # Soft values of every state under the current policy, and the critic targets from them.
+                    values = soft_value(logp.detach(), ref_logp, q_next, alpha, kl_coef)
+                    bonuses = soft_bonus(logp.detach(), ref_logp, alpha, kl_coef)
+                    rewards = torch.zeros_like(mb_mask)
+                    rewards[torch.arange(len(mb_mask)), mb_mask.sum(1).long() - 1] = mb_scores  # the score at the last real token
+                    targets = n_step_targets(rewards, bonuses, values, mb_mask, args.gamma, args.n_step)
+                # Critic: MSE of both heads on the taken tokens (Haarnoja et al. 2018, eq. 5).
+                q_taken = q_all.gather(-1, mb_responses[:, :, None, None].expand(-1, -1, 2, 1)).squeeze(-1)
+                q_loss = masked_mean((q_taken[..., 0] - targets) ** 2, mb_mask) + masked_mean((q_taken[..., 1] - targets) ** 2, mb_mask)
+                # Actor: the exact expectation over the vocabulary against the (fixed) pessimistic Q.
+                policy_loss = sac_policy_loss(logp, ref_logp, q_all.detach().min(2).values, alpha, kl_coef, mb_mask)
+                # Alpha: raise it when the entropy falls below the target, lower it otherwise (Christodoulou 2019,
+                # eq. 11, exact over actions). The target is relative to pi_ref's own entropy at the same states,
+                # not to log |V|, which would ask for a nearly uniform distribution over the vocabulary.
+                with torch.no_grad():
+                    entropy = masked_mean(-(logp.exp() * logp).sum(-1), mb_mask)
+                    entropy_target = args.target_entropy_scale * masked_mean(-(ref_logp.exp() * ref_logp).sum(-1), mb_mask)
+                alpha_loss = log_alpha.exp() * (entropy - entropy_target) if args.autotune else torch.zeros((), device=device)
+                loss = q_loss + policy_loss + alpha_loss  # disjoint parameters: one backward serves all three
+                check_finite(loss, update)
+                scaler.scale(loss).backward()
+                for opt, opt_params in [(optimizer, params), (q_optimizer, q_params)]:
+                    if args.max_grad_norm is not None:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(opt_params, args.max_grad_norm)
+                    scaler.step(opt)
+                scaler.update()
+                if alpha_optimizer is not None:
+                    alpha_optimizer.step()
+                    alpha_optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
+                q_optimizer.zero_grad(set_to_none=True)
+                polyak_update(critic_target, critic, args.tau)
+                for k, v in zip(stats, [policy_loss, q_loss, masked_mean(q_taken.detach().min(-1).values, mb_mask), alpha_loss, entropy_target, entropy]):
+                    stats[k].append(v.item())
+        time_update += time.time() - t0
+
+        # LOGGING
+        record = train_record(r, episode, update, lr, kl_coef, start_time, time_rollout, time_update, device)
+        logger.log({**record, **{k: sum(v) / len(v) for k, v in stats.items()},
+                    "sac/alpha": log_alpha.exp().item() if args.autotune else args.alpha, "sac/buffer_size": len(buffer)})
+
+        if args.ref_sync_every > 0 and update % args.ref_sync_every == 0:
+            sync_reference(ref_policy, policy, args.ref_sync_mix)
+
+        # EVALUATION
+        if episode >= next_eval or update == num_updates:
+            next_eval += args.eval_every
+            record, samples = evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, eos_id, pad_id, device, autocast)
+            logger.log({"episode": episode, **record})
+            logger.log_samples(episode, samples)
+
+    logger.close()
+    if args.save_model:
+        policy.save_pretrained(os.path.join(args.output_dir, "model"))
+        tokenizer.save_pretrained(os.path.join(args.output_dir, "model"))
+    print(f"done: {episode} episodes in {time.time() - start_time:.0f}s; run folder {args.output_dir}")

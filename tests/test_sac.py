@@ -1,0 +1,248 @@
+"""sac_rlhf.py: soft value, critic targets and policy loss against brute-force loops over the vocabulary, the
+policy loss's minimiser, the replay buffer and target updates, and convergence to the KL-regularised optimum."""
+
+import contextlib
+
+import pytest
+import torch
+
+import sac_rlhf as sac
+from tests import enumeration as en
+from tests.helpers import read_jsonl, run_script
+
+NO_AUTOCAST = contextlib.nullcontext()
+TINY = ["--total-episodes", "32", "--batch-size", "16", "--eval-every", "16", "--eval-size", "8", "--response-length", "6"]
+
+
+def random_distributions(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(2 * torch.randn(*shape, generator=g), -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft value, critic targets, policy loss: plain loops over states, heads and vocabulary
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha,beta", [(0.0, 0.1), (0.3, 0.05), (0.2, 0.0)])
+def test_soft_value_and_policy_loss_match_loops_over_the_vocabulary(alpha, beta):
+    B, T, V = 3, 4, 7
+    logp, ref_logp = random_distributions((B, T, V), 0), random_distributions((B, T, V), 1)
+    q = torch.randn(B, T, 2, V, generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    q_min = q.min(2).values
+    values = sac.soft_value(logp, ref_logp, q_min, alpha, beta)
+    total, count = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            v = pl = 0.0
+            for a in range(V):
+                p, lp, lr = logp[b, t, a].exp().item(), logp[b, t, a].item(), ref_logp[b, t, a].item()
+                qa = min(q[b, t, 0, a].item(), q[b, t, 1, a].item())
+                v += p * (qa - (alpha + beta) * lp + beta * lr)
+                pl += p * ((alpha + beta) * lp - beta * lr - qa)
+            assert values[b, t].item() == pytest.approx(v, abs=1e-5)
+            if mask[b, t]:
+                total, count = total + pl, count + 1
+    # The loss averages over real states (not over the vocabulary, not over padding).
+    assert sac.sac_policy_loss(logp, ref_logp, q_min, alpha, beta, mask).item() == pytest.approx(total / count, abs=1e-5)
+    # soft_bonus is alpha H - beta KL, per state.
+    entropy = -(logp.exp() * logp).sum(-1)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
+    torch.testing.assert_close(sac.soft_bonus(logp, ref_logp, alpha, beta), alpha * entropy - beta * kl)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_n_step_targets_match_a_plain_loop_with_episode_ends(n):
+    """y_t = sum_{i<n} g^i r_{t+i} + sum_{1<=i<n} g^i bonus_{t+i} + g^n V_{t+n}; nothing past the last real token."""
+    g = torch.Generator().manual_seed(n)
+    lengths, T, gamma = [5, 3, 1, 4], 5, 0.9
+    rewards, bonuses, values = (torch.randn(4, T, generator=g) for _ in range(3))
+    mask = torch.tensor([[1.0] * L + [0.0] * (T - L) for L in lengths])
+    got = sac.n_step_targets(rewards, bonuses, values, mask, gamma, n)
+    for b, L in enumerate(lengths):
+        for t in range(T):
+            if t >= L:
+                assert got[b, t] == 0
+                continue
+            y = 0.0
+            for i in range(n):
+                if t + i < L:  # done at t + i = L - 1: the episode (and its rewards) stop there
+                    y += gamma**i * rewards[b, t + i].item() + (gamma**i * bonuses[b, t + i].item() if i > 0 else 0.0)
+            if t + n < L:
+                y += gamma**n * values[b, t + n].item()
+            assert got[b, t].item() == pytest.approx(y, abs=1e-5), (b, t)
+
+
+def test_one_step_critic_target_is_r_plus_gamma_not_done_times_the_soft_value():
+    """The n = 1 target from the script's pieces, against the textbook formula written out over the vocabulary."""
+    B, T, V, alpha, beta, gamma = 2, 3, 5, 0.1, 0.2, 0.95
+    logp, ref_logp = random_distributions((B, T, V), 3), random_distributions((B, T, V), 4)
+    q_target = torch.randn(B, T, 2, V, generator=torch.Generator().manual_seed(5))
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    rewards = torch.tensor([[0.0, 0, 1.5], [0, -2.0, 0]])  # the score at the last real token
+    values = sac.soft_value(logp, ref_logp, q_target.min(2).values, alpha, beta)
+    bonuses = sac.soft_bonus(logp, ref_logp, alpha, beta)
+    got = sac.n_step_targets(rewards, bonuses, values, mask, gamma, 1)
+    for b in range(B):
+        L = int(mask[b].sum())
+        for t in range(L):
+            done = t == L - 1
+            v_next = 0.0
+            if not done:
+                p, lp, lr = logp[b, t + 1].exp(), logp[b, t + 1], ref_logp[b, t + 1]
+                v_next = sum(p[a] * (min(q_target[b, t + 1, 0, a], q_target[b, t + 1, 1, a]) - (alpha + beta) * lp[a] + beta * lr[a])
+                             for a in range(V)).item()
+            assert got[b, t].item() == pytest.approx(rewards[b, t].item() + gamma * (1 - done) * v_next, abs=1e-5)
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.0, 0.1), (0.05, 0.1), (0.5, 0.05)])
+def test_policy_loss_minimiser_is_the_tempered_reference_times_exp_q(alpha, beta):
+    """With Q fixed, a free softmax trained on the loss reaches pi_ref^(beta/(alpha+beta)) exp(Q/(alpha+beta)) / Z."""
+    V = 6
+    ref_logp = random_distributions((1, 1, V), 6)
+    q = 0.3 * torch.randn(1, 1, V, generator=torch.Generator().manual_seed(7))
+    logits = torch.zeros(1, 1, V, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.05)
+    for _ in range(3000):
+        loss = sac.sac_policy_loss(torch.log_softmax(logits, -1), ref_logp, q, alpha, beta, torch.ones(1, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    want = torch.log_softmax(beta / (alpha + beta) * ref_logp + q / (alpha + beta), -1)
+    got = torch.log_softmax(logits.detach(), -1)
+    assert en.kl(got.flatten(), want.flatten()) < 1e-4
+    torch.testing.assert_close(got.exp(), want.exp(), atol=1e-4, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer, target updates, the critic network
+# ---------------------------------------------------------------------------------------------
+def test_replay_buffer_keeps_the_newest_whole_responses_and_repads_them():
+    pad = 0
+    buffer = sac.ReplayBuffer(capacity=4)
+    for k in range(3):  # 6 responses into a buffer of 4: the first two are overwritten
+        query = torch.tensor([[pad, 5, 6], [7, 8, 9]])
+        query_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+        responses = torch.tensor([[10 + k, 2, pad], [20 + k, 21, 22]])
+        mask = torch.tensor([[1.0, 1, 0], [1, 1, 1]])
+        buffer.add(query, query_mask, responses, mask, torch.tensor([float(k), 10.0 + k]))
+        assert len(buffer) == min(4, 2 * (k + 1))
+    assert sorted(x[2] for x in buffer.items) == [1.0, 2.0, 11.0, 12.0]
+    query, query_mask, responses, mask, scores = buffer.sample(4, pad, "cpu")
+    assert sorted(scores.tolist()) == [1.0, 2.0, 11.0, 12.0]  # distinct responses
+    for i, s in enumerate(scores.tolist()):
+        k = int(s) % 10
+        if s < 10:  # prompt [5, 6] left-padded, response [10 + k, EOS] right-padded
+            assert query[i].tolist() == [pad, 5, 6] and query_mask[i].tolist() == [0, 1, 1]
+            assert responses[i].tolist() == [10 + k, 2, pad] and mask[i].tolist() == [1, 1, 0]
+        else:
+            assert query[i].tolist() == [7, 8, 9] and responses[i].tolist() == [20 + k, 21, 22] and mask[i].sum() == 3
+    counts = torch.zeros(4)
+    for _ in range(400):  # uniform sampling
+        counts[[int(s) % 10 - 1 + 2 * (s >= 10) for s in buffer.sample(1, pad, "cpu")[4].tolist()]] += 1
+    assert counts.min() > 60
+
+
+def test_polyak_update():
+    source, target = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in target.parameters()]
+    sac.polyak_update(target, source, 0.25)
+    for b, s, t in zip(before, source.parameters(), target.parameters()):
+        torch.testing.assert_close(t, 0.25 * s + 0.75 * b)
+    sac.polyak_update(target, source, 1.0)
+    for s, t in zip(source.parameters(), target.parameters()):
+        torch.testing.assert_close(t, s)
+
+
+def test_critic_starts_at_the_prefix_score_for_every_token_and_ignores_left_padding(world):
+    """Q_j(s_t, a) = RM score of s_t + a tiny advantage: pi* = pi_ref at the start, on every architecture."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world.policy)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    vocab = AutoModelForCausalLM.from_pretrained(world.policy).get_output_embeddings().weight.shape[0]
+    rm = AutoModelForSequenceClassification.from_pretrained(world.reward, dtype=torch.float32).eval()
+    critic = sac.SoftQNetwork(rm, vocab).eval()
+    prompts = [tok("the red cat")["input_ids"], tok("a dog")["input_ids"]]
+    responses, resp_mask = torch.tensor([[7, 8, 9], [11, 12, 13]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    results = []
+    with torch.no_grad():
+        for extra in [0, 4]:
+            query, query_mask = sac.left_pad(prompts, pad_id, "cpu")
+            query = torch.cat([torch.full((2, extra), pad_id), query], dim=1)
+            query_mask = torch.cat([torch.zeros(2, extra, dtype=torch.long), query_mask], dim=1)
+            q = critic(query, query_mask, responses, resp_mask, NO_AUTOCAST)
+            results.append(q * resp_mask[:, :, None, None])
+        assert q.shape == (2, 3, 2, vocab)
+        torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
+        # The state before response token t is prompt + y_<t: its RM score, for every action and both heads.
+        for t in range(3):
+            prefix_mask = resp_mask.clone()
+            prefix_mask[:, t:] = 0
+            query, query_mask = sac.left_pad(prompts, pad_id, "cpu")
+            if t == 0:
+                score = sac.get_scores(rm, query[:, :-1], query_mask[:, :-1], query[:, -1:], query_mask[:, -1:], NO_AUTOCAST)
+            else:
+                score = sac.get_scores(rm, query, query_mask, responses[:, :t], resp_mask[:, :t], NO_AUTOCAST)
+            for b in range(2):
+                if resp_mask[b, t]:
+                    assert (q[b, t] - score[b]).abs().max() < 1e-3
+        assert (q[..., 0, :] - q[..., 1, :]).abs().max() > 0  # the twins differ (zero starts would stay equal)
+
+
+# ---------------------------------------------------------------------------------------------
+# The script end to end
+# ---------------------------------------------------------------------------------------------
+def test_converges_to_the_kl_regularised_optimum(tmp_path):
+    """--alpha 0 --no-autotune: the optimum is pi*(y) proportional to pi_ref(y) exp(r(y) / beta), as for PPO and RLOO."""
+    world = en.build_enum_world(tmp_path / "world")
+    beta = 0.1
+    out = tmp_path / "run"
+    # n = 1: the off-policy n-step target is biased (see n_step_targets); one-step TD has pi* as its exact fixed point.
+    result = run_script("sac_rlhf.py", *world.args(), "--no-stop-at-eos", "--missing-eos-penalty", "None",
+                        "--temperature", "1.0", "--response-length", "2", "--kl-coef", str(beta), "--alpha", "0",
+                        "--no-autotune", "--n-step", "1", "--updates-per-rollout", "8", "--learning-rate", "1e-3",
+                        "--total-episodes", "3200", "--batch-size", "64",
+                        "--eval-every", "100000", "--eval-size", "1", "--output-dir", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ref = en.response_logprobs(world.policy)
+    optimum = en.optimum_logprobs(ref, en.response_scores(world.reward), beta)
+    trained = en.response_logprobs(str(out / "model"))
+    start, end = en.kl(ref, optimum), en.kl(trained, optimum)
+    assert start > 1.0  # the optimum is far from where training starts
+    assert end < 0.05, f"KL(pi || pi*) = {end:.4f} (started at {start:.4f})"
+
+
+def test_run_with_options_logs_placeholders_then_tunes_alpha(worlds, tmp_path):
+    """--learning-starts delays the updates (SAC keys logged as 0 until then); a target entropy far above the
+    policy's raises alpha; n-step targets, minibatches and reference resets run."""
+    out = tmp_path / "run"
+    result = run_script("sac_rlhf.py", *worlds["llama"].args(), *TINY, "--learning-starts", "32", "--n-step", "3",
+                        "--minibatch-size", "8", "--target-entropy-scale", "10", "--autotune", "--alpha", "0.1",
+                        "--ref-sync-every", "1", "--output-dir", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/scores" in r]
+    assert [r["sac/buffer_size"] for r in train] == [16, 32]
+    assert train[0]["loss/q"] == 0 and train[0]["sac/alpha"] == pytest.approx(0.1)
+    assert train[1]["loss/q"] > 0 and train[1]["sac/alpha"] > 0.1  # entropy below target: alpha goes up
+    assert train[1]["sac/entropy_target"] > train[1]["sac/policy_entropy"]
+
+
+@pytest.mark.parametrize("flags,flag", [
+    (["--buffer-size", "8"], "--buffer-size"),
+    (["--minibatch-size", "64"], "--buffer-size"),  # the default buffer is 1024: a minibatch above it is refused
+    (["--n-step", "0"], "--n-step"),
+    (["--tau", "0"], "--tau"),
+    (["--tau", "1.5"], "--tau"),
+    (["--gamma", "1.5"], "--gamma"),
+    (["--alpha", "-1"], "--alpha"),
+    (["--alpha", "0", "--autotune"], "--alpha"),  # with --autotune alpha is the initial value: must be > 0
+    (["--updates-per-rollout", "0"], "--updates-per-rollout"),
+])
+def test_bad_sac_flags(flags, flag, worlds, tmp_path):
+    if flags[0] == "--minibatch-size":
+        flags = flags + ["--buffer-size", "32"]
+    out = tmp_path / "run"
+    result = run_script("sac_rlhf.py", *worlds["llama"].args(), *TINY, "--output-dir", str(out), *flags, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("error:") == 1 and flag in result.stderr
+    assert not (out / "metrics.jsonl").exists()
