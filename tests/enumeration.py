@@ -137,3 +137,29 @@ def named_gradient(estimator, kl_in, beta):
     else:  # k3: forward KL(pi_ref || pi) at each visited state
         objective = state_kl(q1, p1) + (visit * state_kl(q2, p2)).sum()
     return [beta * g for g in torch.autograd.grad(objective, [first, second])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Convergence of a whole script run to pi*
+# ---------------------------------------------------------------------------------------------
+BETA_STAR = 0.1  # kl_coef of the convergence runs: pi* is then KL 2.6 away from pi_ref
+
+
+def train_and_measure(script: str, root: Path, *flags: str) -> tuple[float, float]:
+    """Run `script` on the enumerable world; return (KL(pi_ref || pi*), KL(pi_trained || pi*)), exactly.
+
+    Flags common to every script fix the problem (one prompt, two-token responses, temperature 1, no EOS
+    handling, kl_coef BETA_STAR); `flags` add the algorithm's own budget and step sizes.
+    """
+    from tests.helpers import run_script
+
+    world = build_enum_world(root / "world")
+    out = root / "run"
+    result = run_script(script, *world.args(), "--no-stop-at-eos", "--missing-eos-penalty", "None",
+                        "--temperature", "1.0", "--response-length", "2", "--kl-coef", str(BETA_STAR),
+                        "--batch-size", "64", "--eval-every", "100000", "--eval-size", "1",
+                        "--output-dir", str(out), *flags, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ref = response_logprobs(world.policy)
+    optimum = optimum_logprobs(ref, response_scores(world.reward), BETA_STAR)
+    return kl(ref, optimum), kl(response_logprobs(str(out / "model")), optimum)
