@@ -8,7 +8,7 @@ Runs each script as its own process (so peak memory is that run's alone), then r
 - peak RSS: the process's maximum resident memory (CPU); on CUDA also the peak allocated GPU memory.
 
 Usage: python benchmarks/bench.py                      (PPO, plus RLOO and SAC once they exist)
-       python benchmarks/bench.py --scripts ppo_rlhf.py --repeats 3
+       python benchmarks/bench.py --scripts ppo_rlhf.py --repeats 2 --extra="--num-minibatches 1"
 """
 
 import json
@@ -38,7 +38,7 @@ class Args:
     repeats: int = 1
     """runs per script (seeds 1..repeats); the table shows mean and spread"""
     extra: str = ""
-    """extra flags passed to every script, e.g. "--model-name tinyworld/sft --no-cuda" """
+    """extra flags passed to every script, written --extra="--flag value" (e.g. --extra="--num-minibatches 1")"""
 
 
 def run_once(script, args, seed, folder):
