@@ -350,9 +350,11 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
                             "response": tokenizer.decode(r["responses"][j][r["mask"][j].bool()], skip_special_tokens=True),
                             "score": r["scores"][j].item(), "gold_score": None if gold is None else gold[j].item()})
     n = sum(s[0] for s in stats)
-    record = {f"eval/{k}": sum(s[0] * s[1][k] for s in stats) / n for k in stats[0][1]}
+    mean = lambda k: sum(size * batch_stats[k] for size, batch_stats, _ in stats) / n  # weighted by batch size
+    record = {"eval/scores": mean("scores"), "eval/kl": mean("kl"), "eval/entropy": mean("entropy"),
+              "eval/response_length": mean("response_length"), "eval/eos_rate": mean("eos_rate")}
     if gold_model is not None:
-        record["eval/gold_scores"] = sum(s[0] * s[2] for s in stats) / n
+        record["eval/gold_scores"] = sum(size * gold for size, _, gold in stats) / n
     return record, samples
 
 
