@@ -18,6 +18,7 @@ Usage: python sac_rlhf.py --help   (defaults train on the built-in offline tinyw
 """
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -613,9 +614,8 @@ if __name__ == "__main__":
     # The critic: the RM's backbone and score head (trained) plus twin advantage heads over the policy's logits
     # width (which can exceed len(tokenizer)); its target is a second copy, Polyak-averaged.
     vocab_size = policy.get_output_embeddings().weight.shape[0]
-    critic, critic_target = [SoftQNetwork(load_pretrained(AutoModelForSequenceClassification, args.reward_model_name, "--reward-model-name", num_labels=1, dtype=torch.float32), vocab_size).to(device).eval() for _ in range(2)]
-    critic_target.load_state_dict(critic.state_dict())
-    critic_target.requires_grad_(False)
+    critic = SoftQNetwork(load_pretrained(AutoModelForSequenceClassification, args.reward_model_name, "--reward-model-name", num_labels=1, dtype=torch.float32), vocab_size).to(device).eval()
+    critic_target = copy.deepcopy(critic).requires_grad_(False)
     params, q_params = list(policy.parameters()), list(critic.parameters())
     # Same optimizer settings as the other scripts; no weight decay, so the KL-regularised optimum stays the fixed point.
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
@@ -676,7 +676,7 @@ if __name__ == "__main__":
                     targets = n_step_targets(rewards, bonuses, values, mb_mask, args.gamma, args.n_step)
                 # Critic: MSE of both heads on the taken tokens (Haarnoja et al. 2018, eq. 5).
                 q_taken = q_all.gather(-1, mb_responses[:, :, None, None].expand(-1, -1, 2, 1)).squeeze(-1)
-                q_loss = masked_mean((q_taken[..., 0] - targets) ** 2, mb_mask) + masked_mean((q_taken[..., 1] - targets) ** 2, mb_mask)
+                q_loss = masked_mean(((q_taken - targets.unsqueeze(-1)) ** 2).sum(-1), mb_mask)  # the two heads' MSEs, summed
                 # Actor: the exact expectation over the vocabulary against the (fixed) pessimistic Q.
                 policy_loss = sac_policy_loss(logp, ref_logp, q_all.detach().min(2).values, alpha, kl_coef, mb_mask)
                 # Alpha: raise it when the entropy falls below the target, lower it otherwise (Christodoulou 2019,
