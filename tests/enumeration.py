@@ -49,31 +49,33 @@ def all_responses(vocab_size: int) -> torch.Tensor:
     return torch.tensor(list(itertools.product(range(vocab_size), repeat=RESPONSE_LENGTH)))
 
 
+def load_with_all_inputs(auto_class, path: str):
+    """The saved model in fp32, and PROMPT followed by every two-token response: (model, ids, prompt length, ys)."""
+    from transformers import AutoTokenizer
+
+    model = auto_class.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = torch.tensor(AutoTokenizer.from_pretrained(path)(PROMPT)["input_ids"])
+    ys = all_responses(model.config.vocab_size)
+    return model, torch.cat([prompt.expand(len(ys), -1), ys], dim=1), len(prompt), ys
+
+
 @torch.no_grad()
 def response_logprobs(policy_path: str) -> torch.Tensor:
     """log pi(y | PROMPT) for every two-token response y, from the saved policy, exactly."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(policy_path)
-    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).eval()
-    prompt = torch.tensor(tok(PROMPT)["input_ids"])
-    ys = all_responses(model.config.vocab_size)
-    ids = torch.cat([prompt.expand(len(ys), -1), ys], dim=1)
+    model, ids, prompt_length, ys = load_with_all_inputs(AutoModelForCausalLM, policy_path)
     logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
-    per_token = logp[:, len(prompt) - 1 : -1].gather(-1, ys.unsqueeze(-1)).squeeze(-1)
+    per_token = logp[:, prompt_length - 1 : -1].gather(-1, ys.unsqueeze(-1)).squeeze(-1)
     return per_token.sum(1)
 
 
 @torch.no_grad()
 def response_scores(reward_path: str) -> torch.Tensor:
     """r(y): the reward model's score of PROMPT + y for every two-token response y."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    tok = AutoTokenizer.from_pretrained(reward_path)
-    model = AutoModelForSequenceClassification.from_pretrained(reward_path, dtype=torch.float32).eval()
-    prompt = torch.tensor(tok(PROMPT)["input_ids"])
-    ys = all_responses(model.config.vocab_size)
-    ids = torch.cat([prompt.expand(len(ys), -1), ys], dim=1)
+    model, ids, _, _ = load_with_all_inputs(AutoModelForSequenceClassification, reward_path)
     hidden = model.model(input_ids=ids).last_hidden_state[:, -1]  # score read at the last token
     return model.score(hidden).squeeze(-1).float()
 
