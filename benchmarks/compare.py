@@ -1,88 +1,430 @@
-"""Head-to-head on the tinyworld: the three scripts with their defaults, the same seeds, one table.
+"""Head-to-head on the tinyworld: run scripts with the same flags and seeds, then write one report.
 
-Each (script, seed) run is its own process with one thread (two run at a time on a two-core machine), with
-the scripts' default flags plus --extra. The table gives, per script, the mean and half-range over seeds of
-the final evaluation (proxy score, gold score, KL, entropy, response length), the wall time, and the number of
-generated episodes at which each run's evaluation first reached the final proxy score of the reference
-script (--reach-of, PPO by default), at a KL no larger than that script's final KL.
+A comparison is a list of runs (--runs), each a script optionally followed by its own flags, for example
+"ppo_rlhf.py" or "ppo_rlhf.py --clip-coef 1000". Every run is repeated for every seed and gets the flags in
+--extra; --kl-coefs turns the comparison into a KL-coefficient sweep (each run once per coefficient). Each
+(run, seed) is its own process with one thread, --parallel at a time, so its wall time and peak memory are
+its own. The report folder (--output-dir) then holds:
 
-Usage: python benchmarks/compare.py --seeds 1 2          (about 20 minutes on two CPU cores)
-       python benchmarks/compare.py --scripts ppo_rlhf.py sac_rlhf.py --extra="--total-episodes 4096"
+- table.md: per run, the mean and half-range over seeds of the final evaluation (proxy score, gold score,
+  KL, entropy, response length), wall time, episodes per second and peak memory; the Gao et al. (2022) fit
+  of gold score against d = sqrt(KL); the best-of-n baseline;
+- scores.png (proxy and gold score against episodes), kl.png (both against sqrt(KL), with best-of-n and the
+  fits), entropy.png (entropy against episodes), summary.json (every number the table and plots use);
+- runs/<run>__<seed>/: each run's own folder (args.json, metrics.jsonl, samples.jsonl, runner.json).
+
+Best-of-n baseline: n responses per evaluation prompt from the SFT policy, keep the one the proxy RM scores
+highest, report its proxy and gold scores at KL_bon(n) = log n - (n - 1) / n, the KL of best-of-n to the
+policy it samples from (an upper bound, Stiennon et al. 2020, appendix; Gao et al. 2022, section 2.2).
+
+Usage (the README's Results come from these; times are on two CPU cores):
+  python benchmarks/compare.py --output-dir results/head_to_head                      # 3 scripts x 3 seeds
+  python benchmarks/compare.py --runs rloo_rlhf.py --kl-coefs 0 0.003 0.01 0.03 0.1 \
+      --output-dir results/kl_sweep                                                   # over-optimisation
+Plots need matplotlib: python -m pip install -r requirements-plots.txt (or pass --no-plots).
 """
 
+import importlib.util
 import json
+import math
 import os
+import platform
+import re
+import shlex
 import subprocess
 import sys
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 import tyro
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"]
+MIN_R2_TO_DRAW = 0.5  # kl.png draws a Gao et al. fit only where it explains at least half the variance
+RUNNER_FLAGS = ["--seed", "--output-dir", "--overwrite-output-dir", "--save-model", "--no-save-model"]
 
 
 @dataclass
 class Args:
-    scripts: List[str] = field(default_factory=lambda: ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"])
-    """scripts to compare (missing ones are skipped)"""
-    seeds: List[int] = field(default_factory=lambda: [1, 2])
-    """seeds, the same for every script"""
+    runs: List[str] = field(default_factory=lambda: list(SCRIPTS))
+    """what to compare: each a script of this repository, optionally followed by its own flags, quoted
+    (e.g. --runs rloo_rlhf.py "rloo_rlhf.py --kl-estimator k3 --kl-in loss")"""
+    seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
+    """seeds, the same for every run"""
     extra: str = ""
-    """flags added to every run, written --extra="--flag value" (e.g. --extra="--kl-coef 0.1")"""
-    reach_of: str = "ppo_rlhf.py"
-    """whose final proxy score (mean over seeds) the episodes-to-reach column measures against"""
+    """flags added to every run, written --extra="--flag value" (e.g. --extra="--total-episodes 4096")"""
+    kl_coefs: List[float] = field(default_factory=list)
+    """KL-coefficient sweep: run every entry of --runs once per coefficient (adds --kl-coef to it)"""
+    best_of_n: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
+    """best-of-n baseline sizes (each must divide the largest); pass --best-of-n with no value to skip"""
+    output_dir: str = "runs/compare"
+    """report folder (table.md, plots, summary.json, runs/); must not exist yet unless --resume"""
+    resume: bool = False
+    """reuse the finished runs already in --output-dir (a run is finished once its runner.json exists),
+    start the others, and rewrite the report"""
     parallel: int = 2
-    """runs at a time (each uses one thread)"""
-    output_dir: Optional[str] = None
-    """keep the run folders here (default: a temporary folder)"""
+    """runs at a time (each with one thread)"""
+    plots: bool = True
+    """draw the PNGs (needs matplotlib)"""
 
 
-def run(script, seed, args, folder):
-    out = os.path.join(folder, f"{script[:-3]}__{seed}")
-    cmd = [sys.executable, os.path.join(REPO, script), "--seed", str(seed), "--output-dir", out,
-           "--no-save-model", *args.extra.split()]
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def check_args(args):
+    """Every check before anything runs, so a bad flag costs nothing (DESIGN.md section 8, same spirit)."""
+    if not args.runs or not args.seeds:
+        fail("--runs and --seeds need at least one value each")
+    for run in args.runs:
+        script = shlex.split(run)[0]
+        if script not in SCRIPTS:
+            fail(f"--runs: '{run}' must start with one of {', '.join(SCRIPTS)}")
+    for flags, flag in [(shlex.split(run)[1:], "--runs") for run in args.runs] + [(shlex.split(args.extra), "--extra")]:
+        owned = [f for f in flags if f.split("=")[0] in RUNNER_FLAGS]
+        if owned:
+            fail(f"{flag}: {owned[0]} is set by the runner for every run (use --seeds and --output-dir); remove it")
+        if args.kl_coefs and any(f.split("=")[0] in ("--kl-coef", "--kl-target") for f in flags):
+            fail(f"--kl-coefs sets a fixed --kl-coef itself: remove --kl-coef / --kl-target from {flag}")
+    labels = expand_runs(args)
+    folders = [run_folder(args, label, seed) for label in labels for seed in args.seeds]
+    if len(set(folders)) < len(folders):
+        fail("--runs, --kl-coefs or --seeds repeat themselves: two runs would share a folder; give each once")
+    sizes = sorted(args.best_of_n)
+    if sizes and (sizes[0] < 1 or any(b % a for a, b in zip(sizes, sizes[1:]))):
+        fail(f"--best-of-n {args.best_of_n}: sizes must be >= 1, each dividing the next (e.g. 1 2 4 8 16)")
+    if args.parallel < 1:
+        fail(f"--parallel must be at least 1 (got {args.parallel})")
+    if os.path.exists(args.output_dir) and os.listdir(args.output_dir) and not args.resume:
+        fail(f"--output-dir {args.output_dir} already exists and is not empty: choose another folder, "
+             "or pass --resume to reuse its finished runs")
+    if args.plots and importlib.util.find_spec("matplotlib") is None:
+        fail("plots need matplotlib: python -m pip install -r requirements-plots.txt (or pass --no-plots)")
+    for label in labels:  # --resume may only reuse runs made with the same flags
+        for seed in args.seeds:
+            runner = os.path.join(run_folder(args, label, seed), "runner.json")
+            if os.path.exists(runner):
+                with open(runner) as f:
+                    old = shlex.split(json.load(f)["command"])[1:]
+                if old != run_command(args, label, seed)[1:]:
+                    fail(f"--resume: {os.path.dirname(runner)} was made with other flags ({shlex.join(old[1:])}); "
+                         "use another --output-dir")
+
+
+def expand_runs(args):
+    """The labelled runs of this comparison: --runs, times --kl-coefs when sweeping."""
+    if not args.kl_coefs:
+        return list(args.runs)
+    return [f"{run} --kl-coef {coef:g}" for run in args.runs for coef in args.kl_coefs]
+
+
+def run_folder(args, label, seed):
+    slug = re.sub(r"[^A-Za-z0-9.]+", "_", label.replace("_rlhf.py", "")).strip("_")
+    return os.path.join(args.output_dir, "runs", f"{slug}__{seed}")
+
+
+def run_command(args, label, seed):
+    """The command line of one (run, seed): the runner's flags, then --extra, then the run's own flags."""
+    script, *flags = shlex.split(label)
+    return [sys.executable, os.path.join(REPO, script), "--seed", str(seed), "--output-dir", run_folder(args, label, seed),
+            "--overwrite-output-dir", "--no-save-model", *shlex.split(args.extra), *flags]
+
+
+def run_one(args, label, seed):
+    """One (run, seed) as a child process with one thread; its wall time and peak RSS go to runner.json."""
+    out = run_folder(args, label, seed)
+    if os.path.exists(os.path.join(out, "runner.json")):
+        return  # finished in an earlier call (--resume; check_args made sure the flags match)
+    cmd = run_command(args, label, seed)
     start = time.time()
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with child.stderr:
+        stderr = child.stderr.read()  # read before waiting, so a full pipe cannot block the child
+    _, status, usage = os.wait4(child.pid, 0)  # the rusage of this child alone
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        why = f"exit code {child.returncode}" if child.returncode > 0 else f"killed by signal {-child.returncode} (out of memory?)"
+        fail(f"{shlex.join(cmd)} failed ({why}):\n{stderr[-3000:]}")
+    with open(os.path.join(out, "runner.json"), "w") as f:  # written last: marks the run as finished
+        json.dump({"command": shlex.join(cmd), "wall_s": time.time() - start,
+                   "peak_rss_mib": usage.ru_maxrss / 1024}, f)  # ru_maxrss is in KiB on Linux
+    print(f"done: {label} (seed {seed}) in {time.time() - start:.0f} s", flush=True)
+
+
+def load_run(args, label, seed):
+    """A finished run's evaluation records, last training record and runner.json."""
+    out = run_folder(args, label, seed)
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if "eval/scores" in r]
-    return script, seed, evals, time.time() - start
+        records = [json.loads(line) for line in f]
+    with open(os.path.join(out, "runner.json")) as f:
+        runner = json.load(f)
+    train = [r for r in records if "objective/scores" in r]
+    last = train[-1]
+    return {"seed": seed, "evals": [r for r in records if "eval/scores" in r], "runner": runner,
+            "episodes_per_s": last["episode"] / (last["time/rollout_s"] + last["time/update_s"]),
+            "cuda_peak_gb": max((r.get("memory/cuda_peak_gb", 0.0) for r in train), default=0.0)}
+
+
+def fit_gao(points):
+    """Least-squares fit of R(d) = d (a - b log d) to (d, R) points; R is the gold score gain over the start.
+
+    Linear in (a, b): R = a * d - b * d log d. Returns a, b, the peak d* = exp(a / b - 1) (where dR/dd = 0)
+    with its gain b * d*, and R^2; None when the data do not allow a fit (fewer than 4 points with d > 0).
+    """
+    points = [(d, r) for d, r in points if d > 0]
+    if len(points) < 4:
+        return None
+    sxx = sum(d * d for d, _ in points)
+    sxy = sum(-d * d * math.log(d) for d, _ in points)
+    syy = sum((d * math.log(d)) ** 2 for d, _ in points)
+    bx = sum(d * r for d, r in points)
+    by = sum(-d * math.log(d) * r for d, r in points)
+    det = sxx * syy - sxy * sxy  # the 2 x 2 normal equations, solved by Cramer's rule
+    if abs(det) < 1e-12:
+        return None
+    a, b = (bx * syy - by * sxy) / det, (sxx * by - sxy * bx) / det
+    mean_r = sum(r for _, r in points) / len(points)
+    ss_res = sum((r - d * (a - b * math.log(d))) ** 2 for d, r in points)
+    ss_tot = sum((r - mean_r) ** 2 for _, r in points)
+    # A peak exists only for b > 0; far beyond the data (log d* > 10, d* > 22,000) it means "none in sight".
+    peak = math.exp(a / b - 1) if b > 0 and a / b - 1 < 10 else None
+    return {"a": a, "b": b, "peak_d": peak, "peak_gain": b * peak if peak else None,
+            "r2": 1 - ss_res / ss_tot if ss_tot > 0 else None, "points": len(points), "max_d": max(d for d, _ in points)}
+
+
+def kl_bon(n):
+    """KL(best-of-n || pi) for a policy pi with no ties: log n - (n - 1) / n."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_args(args, seed):
+    """The common flags of --extra, read as the scripts read them (so the baseline samples as the runs do)."""
+    sys.path.insert(0, REPO)
+    import rloo_rlhf as common  # the common helpers and flags are the same text in the three scripts
+    try:
+        return common, tyro.cli(common.Args, args=shlex.split(args.extra) + ["--seed", str(seed)])
+    except SystemExit:
+        fail(f"--best-of-n: --extra='{args.extra}' has flags that not every script has; "
+             "pass --best-of-n with no value to skip the baseline")
+
+
+def best_of_n(args, sizes, seed):
+    """Best-of-n from the SFT policy on the evaluation prompts: proxy picks, gold judges.
+
+    For each prompt, one pool of max(sizes) samples is split into max(sizes) / n disjoint groups of n; each
+    group keeps its top-proxy response. Means over prompts and groups, so every n uses all samples.
+    Uses the scripts' own helpers and the common flags in --extra (not a run's own flags), so the prompts,
+    models and sampling are those of the runs.
+    """
+    import torch
+    common, script_args = best_of_n_args(args, seed)
+    device, autocast, frozen_dtype = common.setup_run(script_args)
+    tokenizer, policy, _, reward_model, gold_model = common.load_models(script_args, device, frozen_dtype)
+    if gold_model is None:
+        return None
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = common.load_prompts(script_args.eval_dataset, "--eval-dataset")[: script_args.eval_size]
+    ids = common.tokenize_prompts(tokenizer, prompts, script_args.max_prompt_length, "--eval-dataset")
+    pool = max(sizes)
+    generator = torch.Generator(device=device).manual_seed(seed + 12345)
+    proxy, gold = [], []  # [prompt, pool]
+    for prompt in ids:
+        p, g = [], []
+        for start in range(0, pool, 256):
+            query, query_mask = common.left_pad([prompt] * min(256, pool - start), pad_id, device)
+            raw = common.generate(policy, query, query_mask, script_args, eos_id, generator, autocast)
+            mask, responses, has_eos = common.response_mask(raw, eos_id, pad_id, script_args.stop_at_eos)
+            score = common.get_scores(reward_model, query, query_mask, responses, mask, autocast)
+            if script_args.missing_eos_penalty is not None:  # the same score the scripts train on
+                score = score - script_args.missing_eos_penalty * (~has_eos).float()
+            p.append(score)
+            g.append(common.get_scores(gold_model, query, query_mask, responses, mask, autocast))
+        proxy.append(torch.cat(p))
+        gold.append(torch.cat(g))
+    proxy, gold = torch.stack(proxy), torch.stack(gold)
+    rows = []
+    for n in sorted(sizes):
+        groups_p, groups_g = proxy.view(len(ids), pool // n, n), gold.view(len(ids), pool // n, n)
+        best = groups_p.argmax(-1, keepdim=True)
+        rows.append({"n": n, "kl": kl_bon(n), "scores": groups_p.gather(-1, best).mean().item(),
+                     "gold_scores": groups_g.gather(-1, best).mean().item()})
+    return rows
 
 
 def mean_spread(xs, digits=2):
+    if not xs:
+        return "-"
     m = sum(xs) / len(xs)
-    return f"{m:.{digits}f} ± {(max(xs) - min(xs)) / 2:.{digits}f}"
+    return f"{m:.{digits}f}" if len(xs) == 1 else f"{m:.{digits}f} ± {(max(xs) - min(xs)) / 2:.{digits}f}"
+
+
+def summarise(args, labels):
+    """Everything the table and plots show, from the run folders (and the best-of-n samples)."""
+    command = [a for a in sys.argv[1:] if a != "--resume"]  # the command that makes this report from nothing
+    summary = {"command": "python benchmarks/compare.py " + shlex.join(command), "seeds": args.seeds,
+               "extra": args.extra, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+               f"{args.parallel} run(s) at a time, 1 thread each", "runs": {}}
+    for label in labels:
+        runs = [load_run(args, label, seed) for seed in args.seeds]
+        start = [r["evals"][0] for r in runs]
+        points = []
+        if all("eval/gold_scores" in e for r in runs for e in r["evals"]):
+            points = [(math.sqrt(max(e["eval/kl"], 0.0)), e["eval/gold_scores"] - r["evals"][0]["eval/gold_scores"])
+                      for r in runs for e in r["evals"][1:]]
+        summary["runs"][label] = {
+            "seeds": runs, "start": {k: sum(e[k] for e in start) / len(start) for k in start[0] if k.startswith("eval/")},
+            "gao_fit": fit_gao(points)}
+    if args.best_of_n:
+        summary["best_of_n"] = best_of_n(args, args.best_of_n, args.seeds[0])
+    return summary
+
+
+def write_table(summary, path):
+    runs = summary["runs"]
+    first = next(iter(runs.values()))
+    final_episode = first["seeds"][0]["evals"][-1]["episode"]
+    lines = [f"Command: `{summary['command']}`", "",
+             f"Machine: {summary['machine']}. Seeds {summary['seeds']}; final evaluation at episode {final_episode} "
+             f"on the evaluation prompts; mean ± half-range over seeds.", ""]
+    start = first["start"]
+    lines += [f"Start (SFT policy): proxy score {start['eval/scores']:.2f}"
+              + (f", gold score {start['eval/gold_scores']:.2f}" if "eval/gold_scores" in start else "") + ".", ""]
+    # Episodes to reach: the first evaluation of each seed at the first run's final mean proxy score, at a KL
+    # no larger than the first run's largest final KL (so a run cannot "reach" it by drifting further).
+    label0 = next(iter(runs))
+    finals0 = [s["evals"][-1] for s in first["seeds"]]
+    target = (sum(e["eval/scores"] for e in finals0) / len(finals0), max(e["eval/kl"] for e in finals0))
+    cuda = any(s["cuda_peak_gb"] > 0 for run in runs.values() for s in run["seeds"])  # a column only on GPUs
+    lines += ["| run | proxy score | gold score | KL | entropy | response length | wall s | training episodes/s | peak RSS MiB "
+              + ("| peak CUDA GiB " if cuda else "")
+              + f"| episodes to proxy {target[0]:.2f} at KL <= {target[1]:.1f} |", "|" + " --- |" * (11 if cuda else 10)]
+    for label, run in runs.items():
+        finals = [s["evals"][-1] for s in run["seeds"]]
+        col = lambda k: mean_spread([e[k] for e in finals]) if all(k in e for e in finals) else "-"
+        reach = []
+        for s in run["seeds"]:
+            hit = [e["episode"] for e in s["evals"] if e["eval/scores"] >= target[0] and e["eval/kl"] <= target[1]]
+            reach.append(str(hit[0]) if hit else "never")
+        lines.append(f"| {label} | {col('eval/scores')} | {col('eval/gold_scores')} | {col('eval/kl')} "
+                     f"| {col('eval/entropy')} | {col('eval/response_length')} "
+                     f"| {mean_spread([s['runner']['wall_s'] for s in run['seeds']], 0)} "
+                     f"| {mean_spread([s['episodes_per_s'] for s in run['seeds']], 1)} "
+                     f"| {mean_spread([s['runner']['peak_rss_mib'] for s in run['seeds']], 0)} "
+                     + (f"| {mean_spread([s['cuda_peak_gb'] for s in run['seeds']])} " if cuda else "")
+                     + f"| {', '.join(reach)} |")
+    lines += ["", "Training episodes/s leaves out model loading and evaluations, which wall s includes. The "
+              f"episodes-to-reach column uses {label0}'s final mean proxy score and largest final KL.", ""]
+    if any(run["gao_fit"] for run in runs.values()):
+        lines += ["Gao et al. fit of the gold score gain over the start, R(d) = d (a - b log d), d = sqrt(KL), "
+                  "over every evaluation of every seed:", "",
+                  "| run | a | b | peak at d | peak gain | largest d seen | R^2 | points |", "|" + " --- |" * 8]
+        for label, run in runs.items():
+            fit = run["gao_fit"]
+            if fit is None:
+                lines.append(f"| {label} | - | - | - | - | - | - | too few |")
+                continue
+            peak = f"{fit['peak_d']:.2f}" if fit["peak_d"] else "none in sight"
+            gain = f"{fit['peak_gain']:.2f}" if fit["peak_gain"] else "-"
+            r2 = "-" if fit["r2"] is None else f"{fit['r2']:.2f}"
+            lines.append(f"| {label} | {fit['a']:.3f} | {fit['b']:.3f} | {peak} | {gain} | {fit['max_d']:.2f} "
+                         f"| {r2} | {fit['points']} |")
+        lines += ["", f"A peak beyond the largest d seen is an extrapolation; kl.png draws the fits with R^2 >= {MIN_R2_TO_DRAW}.", ""]
+    if summary.get("best_of_n"):
+        lines += [f"Best-of-n from the SFT policy (proxy RM picks, gold RM judges; seed {summary['seeds'][0]}, "
+                  f"{max(r['n'] for r in summary['best_of_n'])} samples per evaluation prompt), plotted at "
+                  "KL_bon = log n - (n - 1)/n, an upper bound on its KL to the SFT policy (Beirami et al. 2024):", "",
+                  "| n | KL_bon | sqrt(KL_bon) | proxy score | gold score |", "|" + " --- |" * 5]
+        lines += [f"| {r['n']} | {r['kl']:.2f} | {math.sqrt(r['kl']):.2f} | {r['scores']:.2f} | {r['gold_scores']:.2f} |"
+                  for r in summary["best_of_n"]]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(summary, folder):
+    """scores.png, kl.png and entropy.png: per run the mean over seeds, shaded from the lowest to the highest."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    runs, colors = summary["runs"], plt.get_cmap("tab10").colors
+
+    def curves(ax, key, x_key="episode", sqrt_x=False):
+        for i, (label, run) in enumerate(runs.items()):
+            evals = [s["evals"] for s in run["seeds"]]
+            if not all(key in e for ev in evals for e in ev):
+                continue
+            n = min(len(ev) for ev in evals)
+            xs = [[math.sqrt(max(ev[j][x_key], 0.0)) if sqrt_x else ev[j][x_key] for j in range(n)] for ev in evals]
+            ys = [[ev[j][key] for j in range(n)] for ev in evals]
+            mean = lambda rows, j: sum(row[j] for row in rows) / len(rows)
+            ax.plot([mean(xs, j) for j in range(n)], [mean(ys, j) for j in range(n)], "-o", ms=3, color=colors[i % 10], label=label)
+            if sqrt_x:  # each seed's points, since seeds reach different KLs
+                for x, y in zip(xs, ys):
+                    ax.plot(x, y, ".", ms=3, alpha=0.35, color=colors[i % 10])
+            else:
+                ax.fill_between(xs[0], [min(row[j] for row in ys) for j in range(n)],
+                                [max(row[j] for row in ys) for j in range(n)], alpha=0.2, color=colors[i % 10])
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, name in zip(axes, ["eval/scores", "eval/gold_scores"], ["proxy RM score", "gold RM score"]):
+        curves(ax, key)
+        ax.set(xlabel="episodes (sampled responses)", ylabel=name, title=f"{name} on the evaluation prompts")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "scores.png"), dpi=110)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, name in zip(axes, ["eval/scores", "eval/gold_scores"], ["proxy RM score", "gold RM score"]):
+        curves(ax, key, "eval/kl", sqrt_x=True)
+        bon = summary.get("best_of_n")
+        if bon:
+            bon_key = {"eval/scores": "scores", "eval/gold_scores": "gold_scores"}[key]
+            ax.plot([math.sqrt(r["kl"]) for r in bon], [r[bon_key] for r in bon], "k--s", ms=3, label="best-of-n (SFT), at KL_bon")
+        if key == "eval/gold_scores":  # the Gao et al. fits that describe their data, over the d each run saw
+            for i, (label, run) in enumerate(runs.items()):
+                fit = run["gao_fit"]
+                if fit and fit["r2"] is not None and fit["r2"] >= MIN_R2_TO_DRAW and "eval/gold_scores" in run["start"]:
+                    ds = [fit["max_d"] * j / 50 for j in range(1, 51)]
+                    ax.plot(ds, [run["start"]["eval/gold_scores"] + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds],
+                            ":", color=colors[i % 10])
+        ax.set(xlabel="sqrt(KL(pi || pi_ref)) (nats^0.5)", ylabel=name, title=f"{name} against sqrt(KL)")
+    axes[0].legend(fontsize=7)
+    axes[1].text(0.01, 0.01, f"dotted: fit d (a - b log d) where R^2 >= {MIN_R2_TO_DRAW}", transform=axes[1].transAxes, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "kl.png"), dpi=110)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    curves(ax, "eval/entropy")
+    ax.set(xlabel="episodes (sampled responses)", ylabel="entropy per token (nats)", title="policy entropy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "entropy.png"), dpi=110)
+    plt.close("all")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    scripts = [s for s in args.scripts if os.path.exists(os.path.join(REPO, s))]
-    folder = args.output_dir or tempfile.mkdtemp(prefix="compare_")
-    jobs = [(s, seed) for s in scripts for seed in args.seeds]
-    with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda job: run(*job, args, folder), jobs))
-    by_script = {s: [r for r in results if r[0] == s] for s in scripts}
-    target = None
-    if args.reach_of in by_script:
-        finals = [evals[-1] for _, _, evals, _ in by_script[args.reach_of]]
-        target = (sum(e["eval/scores"] for e in finals) / len(finals), max(e["eval/kl"] for e in finals))
-    print(f"tinyworld, seeds {args.seeds}, extra flags: '{args.extra}'; mean ± half-range over seeds; run folders in {folder}")
-    if target:
-        print(f"episodes to reach: first evaluation with proxy score >= {target[0]:.2f} and KL <= {target[1]:.2f} "
-              f"({args.reach_of}'s final mean score and largest final KL)")
-    print("| script | proxy score | gold score | KL | entropy | response length | wall s | episodes to reach |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for s, runs in by_script.items():
-        finals = [evals[-1] for _, _, evals, _ in runs]
-        col = lambda k: mean_spread([e[k] for e in finals]) if all(k in e for e in finals) else "-"
-        reach = []
-        for _, seed, evals, _ in runs:
-            hit = [e["episode"] for e in evals if target and e["eval/scores"] >= target[0] and e["eval/kl"] <= target[1]]
-            reach.append(str(hit[0]) if hit else "never")
-        print(f"| {s} | {col('eval/scores')} | {col('eval/gold_scores')} | {col('eval/kl')} | {col('eval/entropy')} "
-              f"| {col('eval/response_length')} | {mean_spread([w for *_, w in runs], 0)} | {', '.join(reach)} |")
+    check_args(args)
+    if args.best_of_n:
+        best_of_n_args(args, args.seeds[0])  # a flag it cannot read fails now, not after the runs
+    labels = expand_runs(args)
+    os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
+    jobs = [(label, seed) for label in labels for seed in args.seeds]
+    print(f"{len(jobs)} runs, {args.parallel} at a time; report in {args.output_dir}", flush=True)
+    pool = ThreadPoolExecutor(args.parallel)
+    try:
+        for future in as_completed([pool.submit(run_one, args, *job) for job in jobs]):
+            future.result()  # the first failure stops the comparison (the runs under way finish first)
+    finally:
+        pool.shutdown(cancel_futures=True)
+    summary = summarise(args, labels)
+    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    write_table(summary, os.path.join(args.output_dir, "table.md"))
+    if args.plots:
+        plot(summary, args.output_dir)
+    with open(os.path.join(args.output_dir, "table.md")) as f:
+        print(f.read())

@@ -1,0 +1,166 @@
+"""Tests of benchmarks/compare.py: its math (the Gao et al. fit, KL of best-of-n) and the runner end to end
+on a tiny budget on the tinyworld (table, plots, summary, best-of-n, refusals, --resume)."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, read_jsonl
+
+spec = importlib.util.spec_from_file_location("compare", REPO / "benchmarks" / "compare.py")
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+TINY = "--total-episodes 32 --batch-size 16 --eval-every 16 --eval-size 8 --response-length 8"
+
+
+def run_compare(*flags):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare.py"), *flags],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_gao_fit_recovers_the_curve_it_was_made_from():
+    a, b = 1.3, 0.6
+    points = [(d, d * (a - b * math.log(d))) for d in [0.3, 0.7, 1.0, 1.6, 2.2, 3.1]]
+    fit = compare.fit_gao(points + [(0.0, 0.0)])  # d = 0 says nothing about a or b and is skipped
+    assert fit["a"] == pytest.approx(a, abs=1e-9) and fit["b"] == pytest.approx(b, abs=1e-9)
+    assert fit["r2"] == pytest.approx(1.0)
+    assert fit["points"] == 6 and fit["max_d"] == 3.1
+    assert fit["peak_d"] == pytest.approx(math.exp(a / b - 1))  # where d (a - b log d) is largest ...
+    ds = [fit["peak_d"] * (1 + e) for e in (-1e-3, 0.0, 1e-3)]
+    gains = [d * (a - b * math.log(d)) for d in ds]
+    assert gains[1] > gains[0] and gains[1] > gains[2]
+    assert fit["peak_gain"] == pytest.approx(gains[1])  # ... and what it is there (b d*)
+    assert compare.fit_gao(points[:3]) is None  # too few points
+    for slope in (0.5, 0.7, 3.0):  # gains that only rise: no peak to report (and no overflow finding none)
+        rising = compare.fit_gao([(d, slope * d) for d in [0.5, 1.0, 1.5, 2.0]])
+        assert rising["b"] == pytest.approx(0.0, abs=1e-9) and rising["peak_d"] is None
+    assert compare.fit_gao([(d, 0.0) for d in [0.5, 1.0, 1.5, 2.0]])["r2"] is None  # nothing to explain
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 16])
+def test_kl_bon_is_the_kl_of_best_of_n_and_bounds_it(n):
+    """Exact KL(best-of-n || pi) on a categorical pi with distinct scores: q_i = F_i^n - F_{i-1}^n."""
+    def exact(p):  # p sorted by increasing score
+        cdf, kl = 0.0, 0.0
+        for pi in p:
+            q = (cdf + pi) ** n - cdf**n
+            kl += q * math.log(q / pi) if q > 0 else 0.0
+            cdf += pi
+        return kl
+    uniform = [1 / 20000] * 20000  # many equally likely outcomes: the formula is the limit
+    assert exact(uniform) == pytest.approx(compare.kl_bon(n), abs=1e-3)
+    skewed = [0.5, 0.2, 0.2, 0.1]  # few outcomes: best-of-n moves less than the formula says
+    assert exact(skewed) <= compare.kl_bon(n) + 1e-12
+
+
+def test_kl_sweep_expands_every_run_once_per_coefficient():
+    args = compare.Args(runs=["rloo_rlhf.py", "ppo_rlhf.py --clip-coef 1000"], kl_coefs=[0.0, 0.05])
+    assert compare.expand_runs(args) == ["rloo_rlhf.py --kl-coef 0", "rloo_rlhf.py --kl-coef 0.05",
+                                         "ppo_rlhf.py --clip-coef 1000 --kl-coef 0", "ppo_rlhf.py --clip-coef 1000 --kl-coef 0.05"]
+    assert compare.expand_runs(compare.Args()) == ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"]
+
+
+def test_runner_end_to_end_on_a_tiny_budget(tmp_path):
+    out = tmp_path / "report"
+    runs = ["rloo_rlhf.py", "sac_rlhf.py --n-step 2"]
+    result = run_compare("--runs", *runs, "--seeds", "1", "2", f"--extra={TINY}", "--best-of-n", "1", "2", "4",
+                         "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for png in ["scores.png", "kl.png", "entropy.png"]:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    table = (out / "table.md").read_text()
+    assert summary["seeds"] == [1, 2] and set(summary["runs"]) == set(runs)
+    for label, folder in [("rloo_rlhf.py", "rloo"), ("sac_rlhf.py --n-step 2", "sac_n_step_2")]:
+        finals = []
+        for seed in (1, 2):
+            run_dir = out / "runs" / f"{folder}__{seed}"
+            args = json.loads((run_dir / "args.json").read_text())
+            assert args["seed"] == seed and args["total_episodes"] == 32 and args["eval_size"] == 8
+            evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/scores" in r]
+            assert [e["episode"] for e in evals] == [0, 16, 32]
+            finals.append(evals[-1])
+            runner = json.loads((run_dir / "runner.json").read_text())
+            assert runner["wall_s"] > 0 and 50 < runner["peak_rss_mib"] < 4096
+        # the table's row is the mean and half-range of what the runs wrote
+        proxy = [e["eval/scores"] for e in finals]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        assert row.split(" | ")[1] == f"{sum(proxy) / 2:.2f} ± {abs(proxy[0] - proxy[1]) / 2:.2f}"
+    command = json.loads((out / "runs" / "sac_n_step_2__1" / "runner.json").read_text())["command"]
+    assert command.endswith("--n-step 2") and "--total-episodes 32" in command  # --extra, then the run's own flags
+    bon = summary["best_of_n"]
+    assert [r["n"] for r in bon] == [1, 2, 4]
+    assert [r["kl"] for r in bon] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
+    # groups of 2n are unions of two groups of n of the same pool, so the picked proxy score cannot fall
+    assert bon[0]["scores"] <= bon[1]["scores"] <= bon[2]["scores"]
+
+    # --resume redoes only the unfinished runs (here one whose runner.json is gone) and rewrites the report
+    before = (out / "runs" / "rloo__1" / "runner.json").read_text()
+    evals = lambda folder: [r for r in read_jsonl(out / "runs" / folder / "metrics.jsonl") if "eval/scores" in r]
+    first_evals = evals("rloo__2")
+    (out / "runs" / "rloo__2" / "runner.json").unlink()
+    (out / "table.md").unlink()
+    again = run_compare("--runs", *runs, "--seeds", "1", "2", f"--extra={TINY}", "--best-of-n",
+                        "--no-plots", "--output-dir", str(out), "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done:") == 1 and "done: rloo_rlhf.py (seed 2)" in again.stdout
+    assert (out / "runs" / "rloo__1" / "runner.json").read_text() == before
+    assert evals("rloo__2") == first_evals  # on the CPU with one thread a run is reproduced to the last digit
+    assert "| rloo_rlhf.py |" in (out / "table.md").read_text() and "Best-of-n" not in (out / "table.md").read_text()
+    # ... but never mixes runs made with other flags into one table
+    other = run_compare("--runs", *runs, "--seeds", "1", "2", f"--extra={TINY} --temperature 0.7", "--best-of-n",
+                        "--no-plots", "--output-dir", str(out), "--resume")
+    assert other.returncode != 0 and "--resume" in other.stderr and "other flags" in other.stderr
+
+
+def test_kl_sweep_end_to_end(tmp_path):
+    result = run_compare("--runs", "rloo_rlhf.py", "--kl-coefs", "0", "0.5", "--seeds", "3", f"--extra={TINY}",
+                         "--best-of-n", "--no-plots", "--output-dir", str(tmp_path / "sweep"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for coef, folder in [(0.0, "rloo_kl_coef_0__3"), (0.5, "rloo_kl_coef_0.5__3")]:
+        assert json.loads((tmp_path / "sweep" / "runs" / folder / "args.json").read_text())["kl_coef"] == coef
+    table = (tmp_path / "sweep" / "table.md").read_text()
+    assert "| rloo_rlhf.py --kl-coef 0 |" in table and "| rloo_rlhf.py --kl-coef 0.5 |" in table
+
+
+def test_a_failing_run_stops_the_comparison_with_its_error(tmp_path):
+    result = run_compare("--runs", "rloo_rlhf.py --rloo-k 1", "--seeds", "1", f"--extra={TINY}", "--best-of-n",
+                         "--no-plots", "--output-dir", str(tmp_path / "report"))
+    assert result.returncode != 0
+    assert "--rloo-k must be at least 2" in result.stderr and "exit code" in result.stderr  # the script's own words
+    assert not (tmp_path / "report" / "table.md").exists()
+    assert not list((tmp_path / "report" / "runs").glob("*/runner.json"))
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--runs", "dpo.py"], "--runs"),
+    (["--runs", "rloo_rlhf.py --seed 7"], "--seed"),
+    (["--extra=--output-dir x"], "--output-dir"),
+    (["--seeds", "1", "1"], "--seeds"),
+    (["--kl-coefs", "0", "0.1", "--extra=--kl-coef 0.2"], "--kl-coefs"),
+    (["--best-of-n", "2", "3", "6"], "--best-of-n"),  # 2 does not divide 3: groups would not nest
+    (["--best-of-n", "1", "2", "--extra=--gamma 0.9"], "--best-of-n"),  # a flag RLOO (and the baseline) lacks
+    (["--parallel", "0"], "--parallel"),
+])
+def test_bad_flags_fail_before_anything_runs(tmp_path, flags, named):
+    if not any(f.startswith("--extra") for f in flags):
+        flags = flags + [f"--extra={TINY}"]  # should a check regress, the runs stay tiny
+    if "--best-of-n" not in flags:
+        flags = flags + ["--best-of-n"]
+    result = run_compare(*flags, "--output-dir", str(tmp_path / "report"))
+    assert result.returncode != 0 and named in result.stderr
+    assert not (tmp_path / "report").exists()
+
+
+def test_an_existing_report_folder_is_not_touched(tmp_path):
+    (tmp_path / "table.md").write_text("mine")
+    result = run_compare(f"--extra={TINY}", "--best-of-n", "--output-dir", str(tmp_path))
+    assert result.returncode != 0 and "--output-dir" in result.stderr and "--resume" in result.stderr
+    assert os.listdir(tmp_path) == ["table.md"] and (tmp_path / "table.md").read_text() == "mine"
