@@ -267,6 +267,7 @@ def summarise(args, labels):
     summary = {"command": "python benchmarks/compare.py " + shlex.join(command), "seeds": args.seeds,
                "extra": args.extra, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                f"{args.parallel} run(s) at a time, 1 thread each", "runs": {}}
+    pooled = []
     for label in labels:
         runs = [load_run(args, label, seed) for seed in args.seeds]
         start = [r["evals"][0] for r in runs]
@@ -274,9 +275,13 @@ def summarise(args, labels):
         if all("eval/gold_scores" in e for r in runs for e in r["evals"]):
             points = [(math.sqrt(max(e["eval/kl"], 0.0)), e["eval/gold_scores"] - r["evals"][0]["eval/gold_scores"])
                       for r in runs for e in r["evals"][1:]]
+        pooled += points
         summary["runs"][label] = {
             "seeds": runs, "start": {k: sum(e[k] for e in start) / len(start) for k in start[0] if k.startswith("eval/")},
             "gao_fit": fit_gao(points)}
+    # In a sweep, one fit over every run's points: the gold-vs-KL frontier that the runs trace together (the
+    # KL coefficient mostly decides how far along it a run goes; Gao et al. 2022, section 3.6).
+    summary["pooled_fit"] = fit_gao(pooled) if args.kl_coefs and len(labels) > 1 else None
     if args.best_of_n:
         summary["best_of_n"] = best_of_n(args, args.best_of_n, args.seeds[0])
     return summary
@@ -321,8 +326,10 @@ def write_table(summary, path):
         lines += ["Gao et al. fit of the gold score gain over the start, R(d) = d (a - b log d), d = sqrt(KL), "
                   "over every evaluation of every seed:", "",
                   "| run | a | b | peak at d | peak gain | largest d seen | R^2 | points |", "|" + " --- |" * 8]
-        for label, run in runs.items():
-            fit = run["gao_fit"]
+        fits = [(label, run["gao_fit"]) for label, run in runs.items()]
+        if summary["pooled_fit"]:
+            fits.append(("all runs pooled", summary["pooled_fit"]))
+        for label, fit in fits:
             if fit is None:
                 lines.append(f"| {label} | - | - | - | - | - | - | too few |")
                 continue
@@ -390,9 +397,16 @@ def plot(summary, folder):
                     ds = [fit["max_d"] * j / 50 for j in range(1, 51)]
                     ax.plot(ds, [run["start"]["eval/gold_scores"] + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds],
                             ":", color=colors[i % 10])
+            ax.plot([], [], ":", color="gray", label=f"fit d (a - b log d) of each run with R^2 >= {MIN_R2_TO_DRAW}")
+            fit, start = summary["pooled_fit"], next(iter(runs.values()))["start"]
+            if fit and fit["r2"] is not None:  # drawn whatever its R^2 (shown): it is the sweep's headline
+                ds = [fit["max_d"] * j / 100 for j in range(1, 101)]
+                peak = f", peak at d = {fit['peak_d']:.1f}" if fit["peak_d"] else ""
+                ax.plot(ds, [start["eval/gold_scores"] + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds], "k:",
+                        lw=2, label=f"fit over all runs (R^2 {fit['r2']:.2f}{peak})")
+            ax.legend(fontsize=6)
         ax.set(xlabel="sqrt(KL(pi || pi_ref)) (nats^0.5)", ylabel=name, title=f"{name} against sqrt(KL)")
     axes[0].legend(fontsize=7)
-    axes[1].text(0.01, 0.01, f"dotted: fit d (a - b log d) where R^2 >= {MIN_R2_TO_DRAW}", transform=axes[1].transAxes, fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "kl.png"), dpi=110)
 

@@ -78,6 +78,7 @@ def test_runner_end_to_end_on_a_tiny_budget(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     table = (out / "table.md").read_text()
     assert summary["seeds"] == [1, 2] and set(summary["runs"]) == set(runs)
+    assert summary["pooled_fit"] is None  # pooling across runs is for KL sweeps only
     for label, folder in [("rloo_rlhf.py", "rloo"), ("sac_rlhf.py --n-step 2", "sac_n_step_2")]:
         finals = []
         for seed in (1, 2):
@@ -128,6 +129,11 @@ def test_kl_sweep_end_to_end(tmp_path):
         assert json.loads((tmp_path / "sweep" / "runs" / folder / "args.json").read_text())["kl_coef"] == coef
     table = (tmp_path / "sweep" / "table.md").read_text()
     assert "| rloo_rlhf.py --kl-coef 0 |" in table and "| rloo_rlhf.py --kl-coef 0.5 |" in table
+    # the sweep's pooled fit is the fit of every run's (sqrt(KL), gold gain) points together
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    points = [(math.sqrt(max(e["eval/kl"], 0.0)), e["eval/gold_scores"] - s["evals"][0]["eval/gold_scores"])
+              for run in summary["runs"].values() for s in run["seeds"] for e in s["evals"][1:]]
+    assert len(points) == 4 and summary["pooled_fit"] == compare.fit_gao(points)
 
 
 def test_a_failing_run_stops_the_comparison_with_its_error(tmp_path):
