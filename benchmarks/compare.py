@@ -15,12 +15,13 @@ its own. The report folder (--output-dir) then holds:
 
 Best-of-n baseline: n responses per evaluation prompt from the SFT policy, keep the one the proxy RM scores
 highest, report its proxy and gold scores at KL_bon(n) = log n - (n - 1) / n, the KL of best-of-n to the
-policy it samples from (an upper bound, Stiennon et al. 2020, appendix; Gao et al. 2022, section 2.2).
+policy it samples from when no two samples can be equal (a continuous distribution) and an upper bound
+otherwise (Gao et al. 2022, section 2.2; Beirami et al. 2024).
 
-Usage (the README's Results come from these; times are on two CPU cores):
-  python benchmarks/compare.py --output-dir results/head_to_head                      # 3 scripts x 3 seeds
-  python benchmarks/compare.py --runs rloo_rlhf.py --kl-coefs 0 0.003 0.01 0.03 0.1 \
-      --output-dir results/kl_sweep                                                   # over-optimisation
+Usage (the README's "Results" lists every command behind its tables; times are on two CPU cores):
+  python benchmarks/compare.py --output-dir results/head_to_head                # 3 scripts x 3 seeds, ~17 min
+  python benchmarks/compare.py --runs rloo_rlhf.py --kl-coefs 0 0.01 0.03 0.05 0.1 \
+      --extra="--eval-every 1024" --output-dir results/kl_sweep                 # over-optimisation, ~11 min
 Plots need matplotlib: python -m pip install -r requirements-plots.txt (or pass --no-plots).
 """
 
@@ -58,7 +59,7 @@ class Args:
     kl_coefs: List[float] = field(default_factory=list)
     """KL-coefficient sweep: run every entry of --runs once per coefficient (adds --kl-coef to it)"""
     best_of_n: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
-    """best-of-n baseline sizes (each must divide the largest); pass --best-of-n with no value to skip"""
+    """best-of-n baseline sizes (each dividing the next); pass --best-of-n with no value to skip"""
     output_dir: str = "runs/compare"
     """report folder (table.md, plots, summary.json, runs/); must not exist yet unless --resume"""
     resume: bool = False
@@ -79,7 +80,7 @@ def check_args(args):
     if not args.runs or not args.seeds:
         fail("--runs and --seeds need at least one value each")
     for run in args.runs:
-        script = shlex.split(run)[0]
+        script = (shlex.split(run) or [""])[0]
         if script not in SCRIPTS:
             fail(f"--runs: '{run}' must start with one of {', '.join(SCRIPTS)}")
     for flags, flag in [(shlex.split(run)[1:], "--runs") for run in args.runs] + [(shlex.split(args.extra), "--extra")]:
@@ -196,7 +197,7 @@ def fit_gao(points):
 
 
 def kl_bon(n):
-    """KL(best-of-n || pi) for a policy pi with no ties: log n - (n - 1) / n."""
+    """KL(best-of-n || pi) = log n - (n - 1) / n when no two samples can be equal; an upper bound otherwise."""
     return math.log(n) - (n - 1) / n
 
 
