@@ -13,14 +13,14 @@ Usage: python benchmarks/bench.py                      (PPO, plus RLOO and SAC o
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import List
 
 import tyro
+
+from compare import mean_spread, run_child  # benchmarks/ is on the path when this file runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,20 +48,10 @@ def run_once(script, args, seed, folder):
            "--batch-size", str(args.batch_size), "--response-length", str(args.response_length),
            "--total-episodes", str(args.total_episodes), "--no-stop-at-eos",
            "--eval-every", str(10**9), "--eval-size", "1", "--no-save-model", *args.extra.split()]
-    start = time.time()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(child.pid, 0)  # the rusage of this child only
-    wall = time.time() - start
-    if status != 0:
-        raise SystemExit(f"{script} failed:\n{child.stderr.read()[-3000:]}")
+    wall, peak_rss = run_child(cmd)  # the machine's default thread count, as a user would run it
     with open(os.path.join(out, "metrics.jsonl")) as f:
         last = [r for r in map(json.loads, f) if "objective/scores" in r][-1]
-    return last, wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
-
-
-def mean_spread(xs):
-    m = sum(xs) / len(xs)
-    return f"{m:.1f}" if len(xs) == 1 else f"{m:.1f} ± {(max(xs) - min(xs)) / 2:.1f}"
+    return last, wall, peak_rss
 
 
 if __name__ == "__main__":
@@ -79,6 +69,6 @@ if __name__ == "__main__":
             speed = [r["episode"] / b for (r, _, _), b in zip(rows, busy)]
             share = [100 * r["time/rollout_s"] / b for (r, _, _), b in zip(rows, busy)]
             cuda = [r.get("memory/cuda_peak_gb") for r, _, _ in rows]
-            cuda_text = mean_spread(cuda) if None not in cuda else "-"
-            print(f"| {script} | {mean_spread(speed)} | {mean_spread([w for _, w, _ in rows])} | {mean_spread(share)} "
-                  f"| {mean_spread([m for _, _, m in rows])} | {cuda_text} |", flush=True)
+            cuda_text = mean_spread(cuda, 1) if None not in cuda else "-"
+            print(f"| {script} | {mean_spread(speed, 1)} | {mean_spread([w for _, w, _ in rows], 1)} | {mean_spread(share, 1)} "
+                  f"| {mean_spread([m for _, _, m in rows], 1)} | {cuda_text} |", flush=True)

@@ -133,15 +133,13 @@ def run_command(args, label, seed):
             "--overwrite-output-dir", "--no-save-model", *shlex.split(args.extra), *flags]
 
 
-def run_one(args, label, seed):
-    """One (run, seed) as a child process with one thread; its wall time and peak RSS go to runner.json."""
-    out = run_folder(args, label, seed)
-    if os.path.exists(os.path.join(out, "runner.json")):
-        return  # finished in an earlier call (--resume; check_args made sure the flags match)
-    cmd = run_command(args, label, seed)
+def run_child(cmd, env=None):
+    """Run cmd to the end; fail with its stderr unless it exits 0; return its wall seconds and peak RSS in MiB.
+
+    Also used by bench.py. The peak RSS is this child's own (os.wait4), not the largest of all children.
+    """
     start = time.time()
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     with child.stderr:
         stderr = child.stderr.read()  # read before waiting, so a full pipe cannot block the child
     _, status, usage = os.wait4(child.pid, 0)  # the rusage of this child alone
@@ -149,10 +147,19 @@ def run_one(args, label, seed):
     if child.returncode != 0:
         why = f"exit code {child.returncode}" if child.returncode > 0 else f"killed by signal {-child.returncode} (out of memory?)"
         fail(f"{shlex.join(cmd)} failed ({why}):\n{stderr[-3000:]}")
+    return time.time() - start, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def run_one(args, label, seed):
+    """One (run, seed) as a child process with one thread; its wall time and peak RSS go to runner.json."""
+    out = run_folder(args, label, seed)
+    if os.path.exists(os.path.join(out, "runner.json")):
+        return  # finished in an earlier call (--resume; check_args made sure the flags match)
+    cmd = run_command(args, label, seed)
+    wall, peak_rss = run_child(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     with open(os.path.join(out, "runner.json"), "w") as f:  # written last: marks the run as finished
-        json.dump({"command": shlex.join(cmd), "wall_s": time.time() - start,
-                   "peak_rss_mib": usage.ru_maxrss / 1024}, f)  # ru_maxrss is in KiB on Linux
-    print(f"done: {label} (seed {seed}) in {time.time() - start:.0f} s", flush=True)
+        json.dump({"command": shlex.join(cmd), "wall_s": wall, "peak_rss_mib": peak_rss}, f)
+    print(f"done: {label} (seed {seed}) in {wall:.0f} s", flush=True)
 
 
 def load_run(args, label, seed):
@@ -256,6 +263,7 @@ def best_of_n(args, sizes, seed):
 
 
 def mean_spread(xs, digits=2):
+    """Mean ± half-range (max - min) / 2, or the mean alone for one value (also used by bench.py)."""
     if not xs:
         return "-"
     m = sum(xs) / len(xs)

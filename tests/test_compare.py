@@ -5,12 +5,10 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import REPO, read_jsonl
+from tests.helpers import REPO, read_jsonl, run_script
 
 spec = importlib.util.spec_from_file_location("compare", REPO / "benchmarks" / "compare.py")
 compare = importlib.util.module_from_spec(spec)
@@ -20,9 +18,7 @@ TINY = "--total-episodes 32 --batch-size 16 --eval-every 16 --eval-size 8 --resp
 
 
 def run_compare(*flags):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare.py"), *flags],
-                          env=env, capture_output=True, text=True, timeout=600)
+    return run_script("benchmarks/compare.py", *flags)  # CPU, offline, one thread, as for the scripts
 
 
 def test_gao_fit_recovers_the_curve_it_was_made_from():
