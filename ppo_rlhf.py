@@ -13,9 +13,13 @@ Usage: python ppo_rlhf.py --help   (defaults train on the built-in offline tinyw
 """
 
 import contextlib
+import itertools
 import json
+import math
 import os
 import random
+import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -24,7 +28,7 @@ import torch
 import transformers
 import tyro
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 transformers.utils.logging.disable_progress_bar()  # keep the output to our own progress bar
 TINYWORLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyworld")
@@ -78,16 +82,16 @@ class Args:
     """every N updates set ref <- mix * policy + (1 - mix) * ref; 0 = never"""
     ref_sync_mix: float = 1.0
     """the mix of the reference reset (1.0 = copy the policy)"""
-    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
-    """autocast dtype on CUDA (fp32 weights and optimizer state); the CPU always runs fp32"""
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    """autocast dtype of forward passes (fp32 weights and optimizer state); auto = bf16 on CUDA, none on the CPU"""
     eval_every: int = 2048
     """evaluate every N episodes (and before and after training)"""
     eval_size: int = 128
     """number of evaluation prompts (the first N of --eval-dataset)"""
     output_dir: Optional[str] = None
-    """run folder; default runs/<run_name>"""
+    """run folder; default runs/<run_name> (a new folder for every run)"""
     overwrite_output_dir: bool = False
-    """allow writing into an output folder that already holds a run"""
+    """replace the run in --output-dir (its records and model are deleted first)"""
     save_model: bool = True
     """save the final policy and tokenizer to <output-dir>/model"""
 
@@ -126,57 +130,102 @@ class Args:
 # Common helpers: the same text in ppo_rlhf.py, rloo_rlhf.py and sac_rlhf.py.
 # ------------------------------------------------------------------------------------------------
 def fail(message):
-    """Stop before any training with one clear message (DESIGN.md section 8)."""
+    """Stop with one line that names the flag and the fix (no traceback)."""
     raise SystemExit(f"error: {message}")
 
 
+# The allowed values of the common numeric flags, as intervals; every value must also be finite, and a flag that
+# takes None may be None. Each script adds its own flags' ranges (ALGO_RANGES).
+COMMON_RANGES = {"max_prompt_length": "[1, inf)", "response_length": "[1, inf)", "temperature": "(0, inf)",
+                 "missing_eos_penalty": "[0, inf)", "total_episodes": "[1, inf)", "batch_size": "[1, inf)",
+                 "learning_rate": "(0, inf)", "kl_coef": "[0, inf)", "ref_sync_every": "[0, inf)",
+                 "ref_sync_mix": "(0, 1]", "eval_every": "[1, inf)", "eval_size": "[1, inf)"}
+RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "INCOMPLETE"}  # what a run writes
+
+
+def check_ranges(args, ranges):
+    """Refuse a numeric flag that is not finite or lies outside its interval, naming the flag and the interval."""
+    for name, interval in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        above = low < value if interval[0] == "(" else low <= value
+        below = value < high if interval[-1] == ")" else value <= high
+        if not (math.isfinite(value) and above and below):
+            fail(f"--{name.replace('_', '-')} must be in {interval} (got {value})")
+
+
 def check_common_args(args):
-    """Reject bad common flags before anything is loaded."""
-    if args.response_length < 1:
-        fail(f"--response-length must be at least 1 (got {args.response_length})")
-    if args.max_prompt_length < 1:
-        fail(f"--max-prompt-length must be at least 1 (got {args.max_prompt_length})")
-    if args.temperature <= 0:
-        fail(f"--temperature must be positive (got {args.temperature}); sampling needs a proper distribution")
-    if args.batch_size < 1 or args.total_episodes < args.batch_size:
-        fail(f"--total-episodes ({args.total_episodes}) must be at least --batch-size ({args.batch_size}) >= 1")
-    if args.eval_every < 1 or args.eval_size < 1:
-        fail("--eval-every and --eval-size must be at least 1")
-    if not 0.0 < args.ref_sync_mix <= 1.0:
-        fail(f"--ref-sync-mix must be in (0, 1] (got {args.ref_sync_mix})")
-    if os.path.exists(os.path.join(args.output_dir, "args.json")) and not args.overwrite_output_dir:
-        fail(f"--output-dir {args.output_dir} already holds a run; choose another folder or pass --overwrite-output-dir")
+    """Reject bad common flags, and an output folder that holds something, before anything is loaded."""
+    signal.signal(signal.SIGINT, lambda *_: fail("interrupted by Ctrl-C before training; nothing was written"))
+    check_ranges(args, COMMON_RANGES)
+    if args.total_episodes % args.batch_size:
+        fewer = args.total_episodes - args.total_episodes % args.batch_size
+        fail(f"--total-episodes {args.total_episodes} is not a multiple of --batch-size {args.batch_size}; "
+             f"use {fewer or args.batch_size} or {fewer + args.batch_size}")
+    if not args.stop_at_eos and args.missing_eos_penalty is not None:  # a fixed-length response has no end to miss
+        print("note: --missing-eos-penalty applies only with --stop-at-eos; it is off in this run")
+        args.missing_eos_penalty = None
+    out = args.output_dir
+    if out is not None and os.path.exists(out):
+        if not os.path.isdir(out):
+            fail(f"--output-dir {out} is a file; pass a folder")
+        if os.listdir(out) and not args.overwrite_output_dir:
+            fail(f"--output-dir {out} is not empty; choose another folder, or pass --overwrite-output-dir to replace "
+                 "the run in it")
+        foreign = sorted(set(os.listdir(out)) - RUN_FILES)
+        if foreign:  # --overwrite-output-dir deletes a run's files, never anything else
+            fail(f"--output-dir {out} holds files that are not a run's ({', '.join(foreign[:3])}); choose another folder")
+    parent = os.path.dirname(os.path.abspath(out or "runs"))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        fail(f"--output-dir {out}: {parent} is not a writable folder; choose another --output-dir")
 
 
-def load_prompts(name, flag):
-    """Prompts from a local .jsonl file with a `prompt` field, or from a hub dataset `name[:split]`."""
-    if name.endswith(".jsonl"):
-        if not os.path.isfile(name):
-            fail(f"{flag} {name}: no such file; pass a .jsonl file with one {{\"prompt\": ...}} object per line")
-        with open(name) as f:
-            lines = [line for line in f if line.strip()]
+def load_prompts(name, flag, size=None):
+    """Prompts (the first `size`, if given) from a .jsonl file with a `prompt` on every line or a hub `name[:split]`."""
+    form = 'pass a UTF-8 .jsonl file with one {"prompt": "..."} object per line'
+    if name.endswith(".jsonl") or os.path.exists(name):
+        if not (name.endswith(".jsonl") and os.path.isfile(name)):
+            fail(f"{flag} {name}: not a .jsonl file; {form}")
         try:
-            rows = [json.loads(line) for line in lines]
-        except json.JSONDecodeError as e:
-            fail(f"{flag} {name}: a line is not valid JSON ({e}); each line must be one {{\"prompt\": ...}} object")
+            with open(name, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except UnicodeDecodeError as e:
+            fail(f"{flag} {name}: not UTF-8 text ({e.reason} at byte {e.start}); {form}")
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError:
+                fail(f"{flag} {name}: line {number} is not valid JSON; {form}")
     else:
-        import datasets  # lazy: only needed for hub datasets
+        try:
+            import datasets  # lazy: only needed for hub datasets
 
-        repo, _, split = name.partition(":")
-        rows = datasets.load_dataset(repo, split=split or "train")
+            repo, _, split = name.partition(":")
+            rows = datasets.load_dataset(repo, split=split or "train")
+        except Exception as e:  # not installed, not found, no network: one line, not a traceback
+            fail(f"{flag} {name}: no such .jsonl file, and no hub dataset could be loaded ({str(e).splitlines()[0]})")
     if len(rows) == 0:
-        fail(f"{flag} {name} has no rows")
-    if "prompt" not in rows[0]:
-        fail(f"{flag} {name} has no `prompt` field (found {sorted(rows[0])}); rename the prompt column to `prompt`")
-    return [row["prompt"] for row in rows]
+        fail(f"{flag} {name} has no rows; {form}")
+    for number, row in enumerate(rows, 1):
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
+            fail(f"{flag} {name}: row {number} has no text `prompt` field (it is {str(row)[:60]}); {form}")
+    if size is not None and size > len(rows):
+        fail(f"--eval-size {size} is more than the {len(rows)} prompts of {flag} {name}; pass at most {len(rows)}")
+    return [row["prompt"] for row in rows][:size]
 
 
 def load_pretrained(auto_class, name, flag, **kwargs):
-    """from_pretrained with a clear error naming the flag when the folder or hub name does not load."""
+    """from_pretrained with one clear line naming the flag when the folder or hub name does not load."""
     try:
         return auto_class.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        fail(f"{flag} {name}: could not load it ({str(e).splitlines()[0]}); pass a folder saved with save_pretrained or a hub name")
+    except Exception as e:  # a missing folder, missing files, a wrong format: one line, not a traceback
+        fail(f"{flag} {name}: could not load an {auto_class.__name__} from it ({str(e).splitlines()[0]}); "
+             "pass a folder saved with save_pretrained or a hub name")
 
 
 def tokenize_prompts(tokenizer, prompts, max_prompt_length, flag):
@@ -229,9 +278,9 @@ def generate(model, query, query_mask, args, eos_id, generator, autocast):
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         probs = torch.softmax(out.logits[:, -1].float() / args.temperature, dim=-1)
-        if not torch.isfinite(probs).all():  # the last update broke the policy: say so rather than sample garbage
-            raise SystemExit("error: non-finite next-token probabilities: the policy diverged at the last update; "
-                             "stopping without saving. Try a lower --learning-rate or --max-grad-norm")
+        if not torch.isfinite(probs).all():  # say so rather than sample garbage
+            raise SystemExit("error: the policy's next-token probabilities are not finite (NaN or inf logits); "
+                             "stopping without saving. After updates: try a lower --learning-rate or --max-grad-norm")
         next_token = torch.multinomial(probs, 1, generator=generator)
         tokens.append(next_token)
         ended |= next_token[:, 0] == eos_id
@@ -267,7 +316,11 @@ def backbone_hidden(model, query, query_mask, responses, resp_mask, autocast):
 
 
 def forward_logprobs(model, query, query_mask, responses, resp_mask, temperature, autocast):
-    """Per-token log pi(y_t | x, y_<t) and exact per-token entropy, in fp32, from logits / temperature."""
+    """Per-token log pi(y_t | x, y_<t) and exact per-token entropy, in fp32, from logits / temperature; 0 at padding.
+
+    Zeroing the padding keeps every later use finite: at a low temperature a padded token's log-prob can be
+    -1e3, and exp(-log ratio) of a KL estimate would overflow to inf, and inf * 0 (the mask) is NaN.
+    """
     input_ids = torch.cat([query, responses], dim=1)
     mask = torch.cat([query_mask, resp_mask], dim=1)
     with autocast:
@@ -277,7 +330,8 @@ def forward_logprobs(model, query, query_mask, responses, resp_mask, temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logprobs, entropy
+    padding = resp_mask == 0
+    return logprobs.masked_fill(padding, 0.0), entropy.masked_fill(padding, 0.0)
 
 
 @torch.no_grad()
@@ -306,13 +360,12 @@ def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, p
     scores = get_scores(reward_model, query, query_mask, responses, mask, autocast)
     if args.missing_eos_penalty is not None:  # discourage responses that never end (N details, #9)
         scores = scores - args.missing_eos_penalty * (~has_eos).float()
-    mask = mask.float()
-    return dict(responses=responses, mask=mask, has_eos=has_eos, logprobs=logprobs * mask,
-                ref_logprobs=ref_logprobs * mask, entropy=entropy, scores=scores)
+    return dict(responses=responses, mask=mask.float(), has_eos=has_eos, logprobs=logprobs,
+                ref_logprobs=ref_logprobs, entropy=entropy, scores=scores)
 
 
 def rollout_stats(r):
-    """The common objective/... metrics of one rollout batch (DESIGN.md section 5)."""
+    """The common objective/... metrics of one rollout batch (the README's metric table)."""
     kl = ((r["logprobs"] - r["ref_logprobs"]) * r["mask"]).sum(1)  # sequence-level k1 on the sampled tokens
     return {"scores": r["scores"].mean().item(), "kl": kl.mean().item(),
             "entropy": masked_mean(r["entropy"], r["mask"]).item(),
@@ -320,7 +373,7 @@ def rollout_stats(r):
 
 
 def train_record(r, episode, update, lr, kl_coef, start_time, time_rollout, time_update, device):
-    """The common keys of a training record (DESIGN.md section 5); the algorithm adds its own."""
+    """The common keys of a training record (the README's metric table); the algorithm adds its own."""
     stats, elapsed = rollout_stats(r), time.time() - start_time
     record = {"episode": episode, "update": update, "time/elapsed_s": elapsed, "time/episodes_per_s": episode / elapsed,
               "time/rollout_s": time_rollout, "time/update_s": time_update, "lr": lr,
@@ -356,37 +409,63 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
 
 
 def setup_run(args):
-    """Seed everything and pick the device and precision."""
+    """Seed everything and resolve the device and precision (so that args.json records what runs)."""
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # bf16/fp16 autocast for forward passes on CUDA only; weights, optimizer state, softmaxes and losses stay fp32.
-    use_amp = device.type == "cuda" and args.mixed_precision != "no"
-    amp_dtype = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
-    frozen_dtype = amp_dtype if use_amp else torch.float32  # reference and reward models are only ever read
+    args.cuda = device.type == "cuda"
+    if args.mixed_precision == "auto":
+        args.mixed_precision = "bf16" if args.cuda else "no"
+    # Autocast runs forward passes in bf16/fp16 on any device (on the CPU too: slow, but the very code path a
+    # GPU runs); weights, optimizer state, log-softmaxes and losses stay fp32.
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.mixed_precision]
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    frozen_dtype = amp_dtype or torch.float32  # the reward models are only ever read: hold them in low precision
     return device, autocast, frozen_dtype
 
 
+def load_reward_model(name, flag, dtype, device):
+    """A frozen-or-trained copy of a reward model, refused unless it is a sequence classifier with one label."""
+    config = load_pretrained(AutoConfig, name, flag)
+    kind = (config.architectures or ["ForSequenceClassification"])[0]
+    if not kind.endswith("ForSequenceClassification"):
+        fail(f"{flag} {name} is a {kind}, not a reward model; pass an AutoModelForSequenceClassification with one label")
+    if config.num_labels != 1:
+        fail(f"{flag} {name} has {config.num_labels} labels; a reward model gives one score, so pass one with one label")
+    return load_pretrained(AutoModelForSequenceClassification, name, flag, dtype=dtype).to(device)
+
+
 def load_models(args, device, frozen_dtype):
-    """Tokenizer, trainable policy, frozen reference, reward and gold models, with the checks of DESIGN.md 8."""
+    """Tokenizer, trainable policy, frozen reference, reward and gold models, each checked for what its flag needs."""
     tokenizer = load_pretrained(AutoTokenizer, args.model_name, "--model-name")
     if tokenizer.eos_token_id is None:
         fail(f"--model-name {args.model_name}: the tokenizer has no EOS token, so responses cannot end; set tokenizer.eos_token")
     if tokenizer.pad_token_id is None:  # e.g. GPT-2: padding is always masked, so EOS can stand in for it
         print(f"note: the tokenizer of {args.model_name} has no pad token; using EOS ({tokenizer.eos_token!r}) as pad")
         tokenizer.pad_token = tokenizer.eos_token
-    for flag, name in [("--reward-model-name", args.reward_model_name), ("--gold-reward-model-name", args.gold_reward_model_name)]:
-        if name is not None and load_pretrained(AutoTokenizer, name, flag).get_vocab() != tokenizer.get_vocab():
-            fail(f"{flag} {name}: its tokenizer differs from the policy's ({args.model_name}); the RM reads the policy's token ids, so use an RM trained with the same tokenizer")
-    # fp32 master weights for what is trained (from_pretrained would otherwise keep the checkpoint's dtype).
+    names = [("--model-name", args.model_name), ("--reward-model-name", args.reward_model_name),
+             ("--gold-reward-model-name", args.gold_reward_model_name)]
+    for flag, name in [(flag, name) for flag, name in names if name is not None]:
+        config = load_pretrained(AutoConfig, name, flag)
+        positions = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name too
+        if positions is not None and args.max_prompt_length + args.response_length > positions:
+            fail(f"{flag} {name} has {positions} positions, fewer than --max-prompt-length {args.max_prompt_length} "
+                 f"+ --response-length {args.response_length}; lower them")  # absolute positions crash past it
+        if flag == "--model-name":
+            if any(kind.endswith("ForSequenceClassification") for kind in config.architectures or []):
+                fail(f"--model-name {name} is a reward model ({config.architectures[0]}); pass a causal LM")
+        elif load_pretrained(AutoTokenizer, name, flag).get_vocab() != tokenizer.get_vocab():
+            fail(f"{flag} {name}: its tokenizer differs from the policy's ({args.model_name}); the RM reads the "
+                 "policy's token ids, so use an RM trained with the same tokenizer")
+    # The policy is trained: fp32 master weights. The reference is the same model and stays fp32 too, so that at
+    # step 0 the two give the same log-probs in every precision (KL exactly 0) and reference resets are exact.
     policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
-    ref_policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=frozen_dtype).to(device)
-    reward_model = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name, "--reward-model-name", num_labels=1, dtype=frozen_dtype).to(device)
+    ref_policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
+    reward_model = load_reward_model(args.reward_model_name, "--reward-model-name", frozen_dtype, device)
     gold_model = None
     if args.gold_reward_model_name is not None:
-        gold_model = load_pretrained(AutoModelForSequenceClassification, args.gold_reward_model_name, "--gold-reward-model-name", num_labels=1, dtype=frozen_dtype).to(device)
+        gold_model = load_reward_model(args.gold_reward_model_name, "--gold-reward-model-name", frozen_dtype, device)
     # Dropout off everywhere, trained models included: eval mode keeps log-probs of the same tokens identical
     # between rollout and update (N details, #1). Gradients flow in eval mode as usual.
     for model in (policy, ref_policy, reward_model, gold_model):
@@ -400,9 +479,9 @@ def load_models(args, device, frozen_dtype):
 
 @torch.no_grad()
 def sync_reference(ref_policy, policy, mix):
-    """Reference reset: ref <- mix * policy + (1 - mix) * ref."""
+    """Reference reset: ref <- mix * policy + (1 - mix) * ref, in fp32 (both are held in fp32)."""
     for ref_param, param in zip(ref_policy.parameters(), policy.parameters()):
-        ref_param.lerp_(param.to(ref_param.dtype), mix)
+        ref_param.lerp_(param, mix)
 
 
 def check_finite(loss, update):
@@ -412,17 +491,42 @@ def check_finite(loss, update):
                          "Try a lower --learning-rate or --max-grad-norm")
 
 
+def new_folder(base):
+    """Create base, or else base_2, base_3, ...: the first that does not exist yet (mkdir is atomic, so two runs
+    started in the same second never share a folder). Returns its path."""
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    for n in itertools.count(1):
+        try:
+            os.mkdir(base if n == 1 else f"{base}_{n}")
+            return base if n == 1 else f"{base}_{n}"
+        except FileExistsError:
+            continue
+
+
 class RunLogger:
-    """Creates the run folder, appends records to metrics.jsonl, mirrors them to wandb with --track, shows a tqdm bar."""
+    """Creates the run folder, appends records to metrics.jsonl, mirrors them to wandb with --track, shows a tqdm bar.
+
+    The folder holds a file INCOMPLETE from its creation until close(), after the final model is saved: a run
+    stopped by Ctrl-C, a NaN or a crash says so.
+    """
 
     def __init__(self, args, run_name):
         # Created only after every check has passed, so a bad flag leaves nothing behind.
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-        self.output_dir = args.output_dir  # fresh files: with --overwrite-output-dir the old run's records go
-        self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
-        open(os.path.join(args.output_dir, "samples.jsonl"), "w").close()
+        try:
+            args.output_dir = args.output_dir or new_folder(os.path.join("runs", run_name))
+            os.makedirs(args.output_dir, exist_ok=True)
+            for name in set(os.listdir(args.output_dir)) & RUN_FILES:  # --overwrite-output-dir: the old run goes
+                path = os.path.join(args.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            with open(os.path.join(args.output_dir, "INCOMPLETE"), "w") as f:
+                f.write("This run has not finished: its records so far are here, and no final model.\n")
+            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                json.dump(asdict(args), f, indent=2)
+            self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+            open(os.path.join(args.output_dir, "samples.jsonl"), "w").close()
+        except OSError as e:
+            fail(f"--output-dir {args.output_dir}: cannot write there ({e.strerror}); choose another folder")
+        self.output_dir, self.episode = args.output_dir, 0
         self.wandb = None
         if args.track:
             import wandb  # lazy: only needed with --track
@@ -430,8 +534,15 @@ class RunLogger:
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name)
             self.wandb = wandb
         self.bar = tqdm(total=args.total_episodes, unit="episode", dynamic_ncols=True)
+        signal.signal(signal.SIGINT, self.interrupted)
+
+    def interrupted(self, *_):
+        """Ctrl-C: one line saying where the run stopped (the folder keeps its records, marked INCOMPLETE)."""
+        self.bar.close()
+        fail(f"interrupted by Ctrl-C at episode {self.episode}; {self.output_dir} holds the records so far, marked INCOMPLETE")
 
     def log(self, record):
+        self.episode = record["episode"]
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
@@ -446,8 +557,10 @@ class RunLogger:
             f.writelines(json.dumps({"episode": episode, **s}) + "\n" for s in samples)
 
     def close(self):
+        """Finish the run: call it after the final model is saved."""
         self.bar.close()
         self.file.close()
+        os.remove(os.path.join(self.output_dir, "INCOMPLETE"))
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -455,6 +568,11 @@ class RunLogger:
 # ------------------------------------------------------------------------------------------------
 # ALGO LOGIC: PPO helpers
 # ------------------------------------------------------------------------------------------------
+ALGO_RANGES = {"num_ppo_epochs": "[1, inf)", "num_minibatches": "[1, inf)", "gradient_accumulation_steps": "[1, inf)",
+               "clip_coef": "(0, inf)", "vf_clip_coef": "(0, inf)", "vf_coef": "[0, inf)", "gamma": "[0, 1]",
+               "lam": "[0, 1]", "max_grad_norm": "(0, inf)", "kl_target": "(0, inf)", "kl_horizon": "[1, inf)"}
+
+
 def kl_penalty(logprobs, ref_logprobs, estimator):
     """Per-token KL estimate from log r = log pi - log pi_ref on sampled tokens (Schulman 2020, "Approximating KL").
 
@@ -529,16 +647,17 @@ def get_values(value_model, query, query_mask, responses, resp_mask, autocast):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    args.output_dir = args.output_dir or os.path.join("runs", run_name)
     check_common_args(args)
+    check_ranges(args, ALGO_RANGES)
     if args.batch_size % args.num_minibatches != 0:
         fail(f"--batch-size {args.batch_size} must be divisible by --num-minibatches {args.num_minibatches}")
     minibatch_size = args.batch_size // args.num_minibatches
     if minibatch_size % args.gradient_accumulation_steps != 0:
-        fail(f"the minibatch size {minibatch_size} (--batch-size / --num-minibatches) must be divisible by --gradient-accumulation-steps {args.gradient_accumulation_steps}")
+        fail(f"the minibatch size {minibatch_size} (--batch-size / --num-minibatches) must be divisible by "
+             f"--gradient-accumulation-steps {args.gradient_accumulation_steps}")
     micro_batch_size = minibatch_size // args.gradient_accumulation_steps
     train_prompts = load_prompts(args.dataset, "--dataset")
-    eval_prompts = load_prompts(args.eval_dataset, "--eval-dataset")[: args.eval_size]
+    eval_prompts = load_prompts(args.eval_dataset, "--eval-dataset", args.eval_size)
 
     # MODELS
     device, autocast, frozen_dtype = setup_run(args)
@@ -547,12 +666,12 @@ if __name__ == "__main__":
     train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
     eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
     # The value model is a copy of the RM (backbone + scalar head), trained; it is the critic of InstructGPT.
-    value_model = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name, "--reward-model-name", num_labels=1, dtype=torch.float32).to(device).eval()
+    value_model = load_reward_model(args.reward_model_name, "--reward-model-name", torch.float32, device).eval()
     params = list(policy.parameters()) + list(value_model.parameters())
     # eps=1e-5 as in the N details (#5); no weight decay, so the KL-regularised optimum stays the fixed point.
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     # fp16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.mixed_precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     logger = RunLogger(args, run_name)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     num_updates = args.total_episodes // args.batch_size
@@ -599,6 +718,9 @@ if __name__ == "__main__":
         for epoch in range(args.num_ppo_epochs):
             perm = torch.randperm(args.batch_size, device=device)
             for mb_start in range(0, args.batch_size, minibatch_size):
+                # The losses are token means over the whole minibatch: each micro-batch's token mean is weighted
+                # by its share of the minibatch's tokens, so accumulation gives the gradient of one big minibatch.
+                minibatch_tokens = mask[perm[mb_start : mb_start + minibatch_size]].sum()
                 for micro_start in range(mb_start, mb_start + minibatch_size, micro_batch_size):
                     idx = perm[micro_start : micro_start + micro_batch_size]
                     mb_mask = mask[idx]
@@ -610,7 +732,7 @@ if __name__ == "__main__":
                     if args.kl_in == "loss":  # the KL term differentiated directly (see kl_penalty)
                         loss = loss + kl_coef * masked_mean(kl_penalty(new_logprobs, r["ref_logprobs"][idx], args.kl_estimator), mb_mask)
                     check_finite(loss, update)
-                    scaler.scale(loss / args.gradient_accumulation_steps).backward()
+                    scaler.scale(loss * mb_mask.sum() / minibatch_tokens).backward()
                     for k, v in zip(stats, [pg_loss, vf_loss, approxkl, clipfrac, ratio_mean, vf_clipfrac]):
                         stats[k].append(v.item())
                 if args.max_grad_norm is not None:
@@ -640,8 +762,8 @@ if __name__ == "__main__":
             logger.log({"episode": episode, **record})
             logger.log_samples(episode, samples)
 
-    logger.close()
     if args.save_model:
         policy.save_pretrained(os.path.join(args.output_dir, "model"))
         tokenizer.save_pretrained(os.path.join(args.output_dir, "model"))
+    logger.close()
     print(f"done: {episode} episodes in {time.time() - start_time:.0f}s; run folder {args.output_dir}")

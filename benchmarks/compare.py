@@ -246,7 +246,7 @@ def best_of_n(args, sizes, seed):
             raw = common.generate(policy, query, query_mask, script_args, eos_id, generator, autocast)
             mask, responses, has_eos = common.response_mask(raw, eos_id, pad_id, script_args.stop_at_eos)
             score = common.get_scores(reward_model, query, query_mask, responses, mask, autocast)
-            if script_args.missing_eos_penalty is not None:  # the same score the scripts train on
+            if script_args.missing_eos_penalty is not None and script_args.stop_at_eos:  # as the scripts score
                 score = score - script_args.missing_eos_penalty * (~has_eos).float()
             p.append(score)
             g.append(common.get_scores(gold_model, query, query_mask, responses, mask, autocast))

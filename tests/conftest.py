@@ -18,7 +18,10 @@ an arch are random (fixed seeds) and share the tokenizer files; all worlds share
 (32 train, 16 eval prompts of 2-5 words).
 """
 
+import os
+
 import pytest
+import torch
 
 from tests.helpers import ARCHS, build_mismatched_reward, build_worlds, tinyworld as _tinyworld
 
@@ -41,3 +44,11 @@ def mismatched_reward(tmp_path_factory):
 @pytest.fixture
 def tinyworld():
     return _tinyworld()
+
+
+# Tests that run a script in this process (tests.helpers.run_main) see the same environment as run_script's.
+os.environ.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                  TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+# One thread, like the scripts run_script starts: two busy processes with two threads each on a two-core machine
+# slow each other down many times over.
+torch.set_num_threads(1)

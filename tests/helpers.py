@@ -76,6 +76,41 @@ def run_script(script: str, *args: str, cwd: str | os.PathLike | None = None, ti
     )
 
 
+def run_main(script: str, *args: str, cwd: str | os.PathLike | None = None):
+    """Run REPO/script's ``__main__`` in this process (runpy), as ``python script *args`` would; no assert.
+
+    Returns (exit code, stdout, stderr). An exception that escapes the script comes back as its traceback in
+    stderr with exit code 1, as the interpreter would print it. Much faster than run_script for runs that stop
+    early or are small, and a test can patch torch (e.g. record what an optimizer is given) around the call.
+    """
+    import contextlib
+    import io
+    import runpy
+    import signal
+    import traceback
+
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    argv, cwd_before, handler = sys.argv, os.getcwd(), signal.getsignal(signal.SIGINT)
+    try:
+        sys.argv = [str(REPO / script), *map(str, args)]
+        os.chdir(cwd or cwd_before)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                runpy.run_path(str(REPO / script), run_name="__main__")
+            except SystemExit as e:  # what the interpreter does with it
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except Exception:
+                code = 1
+                traceback.print_exc()
+    finally:
+        sys.argv = argv
+        os.chdir(cwd_before)
+        signal.signal(signal.SIGINT, handler)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
 def tinyworld() -> World:
     """The committed offline world in REPO/tinyworld (paths only; nothing is checked here)."""
     t = REPO / "tinyworld"
@@ -295,3 +330,27 @@ def read_jsonl(path) -> list[dict]:
     """The JSON objects of a .jsonl file, one per line."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def record_optimizer_steps(monkeypatch) -> list[dict]:
+    """Patch torch.optim.Adam.step and AdamW.step to record every step a script takes, in order.
+
+    Each entry: {"optimizer": the optimizer, "lr": its first group's learning rate, "grads": the gradients of its
+    parameters as the step sees them (after any unscaling and clipping)}. The step itself still runs.
+    """
+    import torch
+
+    steps = []
+
+    def recording(step):
+        def recording_step(self, *args, **kwargs):
+            grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+            steps.append({"optimizer": self, "lr": self.param_groups[0]["lr"], "grads": grads})
+            return step(self, *args, **kwargs)
+        return recording_step
+
+    # Each class's own step: torch wraps a class's step in profiling hooks once its first optimizer is made.
+    originals = {cls: cls.step for cls in [torch.optim.Adam, torch.optim.AdamW]}  # before either is patched
+    for cls, step in originals.items():
+        monkeypatch.setattr(cls, "step", recording(step))
+    return steps

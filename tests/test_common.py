@@ -2,11 +2,15 @@
 metric keys on every fixture architecture, and bad input stopped with one clear message before training."""
 
 import ast
+import contextlib
 import json
+import math
+import os
 
 import pytest
+import torch
 
-from tests.helpers import REPO, read_jsonl, run_script
+from tests.helpers import REPO, read_jsonl, record_optimizer_steps, run_main, run_script
 
 SCRIPTS = [s for s in ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"] if (REPO / s).exists()]
 COMMON_TRAIN_KEYS = ["episode", "update", "time/elapsed_s", "time/episodes_per_s", "time/rollout_s", "time/update_s", "lr",
@@ -18,6 +22,7 @@ ALGO_KEYS = {
     "sac_rlhf.py": ["loss/q", "sac/q_mean", "sac/alpha", "loss/alpha", "sac/entropy_target", "sac/buffer_size"],
 }
 EVAL_KEYS = ["episode", "eval/scores", "eval/kl", "eval/entropy", "eval/response_length", "eval/eos_rate"]
+NO_AUTOCAST = contextlib.nullcontext()
 # Batch 16 divides every script's batch constraint (PPO minibatches, RLOO's k = 4).
 TINY = ["--total-episodes", "32", "--batch-size", "16", "--eval-every", "16", "--eval-size", "8", "--response-length", "6"]
 
@@ -76,85 +81,331 @@ def test_short_run_writes_the_run_folder_and_metric_keys(script, world, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input: one clear error naming the flag, before training, nothing overwritten
+# Bad input: one line naming the flag, before the run folder exists, no traceback, in every script
 # ---------------------------------------------------------------------------------------------
-def bad_run(script, tmp_path, world, *flags):
-    out = tmp_path / "run"
-    result = run_script(script, *world.args(), *TINY, "--output-dir", str(out), *flags, cwd=tmp_path)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.count("error:") == 1, result.stderr[-3000:]
-    assert not out.exists()  # stopped before training, and left nothing behind
-    return result.stderr
-
-
 @pytest.fixture
 def llama(worlds):
     return worlds["llama"]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_bad_input_missing_model_path(script, tmp_path, llama):
-    err = bad_run(script, tmp_path, llama, "--model-name", str(tmp_path / "nowhere"))
-    assert "--model-name" in err and "nowhere" in err
+@pytest.fixture(scope="session")
+def bad_files(tmp_path_factory, worlds):
+    """Inputs of every family of mistakes: prompt files, models that are not what their flag needs."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("bad")
+    texts = {"null.jsonl": '{"prompt": null}\n', "number.jsonl": '{"prompt": 3}\n', "list.jsonl": '{"prompt": ["a"]}\n',
+             "later.jsonl": '{"prompt": "a b"}\n{"text": "a b"}\n', "empty.jsonl": "", "row.jsonl": '"a b"\n',
+             "notjson.jsonl": '{"prompt": "a"}\nnot json\n', "prompts.csv": "prompt\na b\n", "prompts.json": '[{"prompt": "a"}]'}
+    for name, text in texts.items():
+        (root / name).write_text(text)
+    (root / "bytes.jsonl").write_bytes(b'{"prompt": "a \xff\xfe b"}\n')
+    (root / "folder").mkdir()
+    (root / "file").write_text("mine")
+    config = AutoConfig.from_pretrained(worlds["llama"].reward)
+    config.num_labels = 2
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(root / "two_labels")
+    AutoTokenizer.from_pretrained(worlds["llama"].reward).save_pretrained(root / "two_labels")
+    AutoModelForCausalLM.from_pretrained(worlds["llama"].policy).save_pretrained(root / "no_tokenizer")
+    return root
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_bad_input_reward_model_tokenizer_differs(script, tmp_path, llama, mismatched_reward):
-    err = bad_run(script, tmp_path, llama, "--reward-model-name", mismatched_reward)
-    assert "--reward-model-name" in err and "tokenizer differs" in err
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("content,why", [("", "no rows"), ('{"text": "hi"}\n', "no `prompt` field"),
-                                         ('{"prompt": "a"}\nnot json\n', "not valid JSON")])
-def test_bad_input_dataset(script, tmp_path, llama, content, why):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(content)
-    err = bad_run(script, tmp_path, llama, "--dataset", str(bad))
-    assert "--dataset" in err and why in err
-
-
-COMMON_BAD_FLAGS = [
-    (["--response-length", "0"], "--response-length"),
-    (["--total-episodes", "8"], "--total-episodes"),
-    (["--temperature", "0"], "--temperature"),
-    (["--ref-sync-mix", "0"], "--ref-sync-mix"),
+# (flags, the flag the one-line error must name); "{bad}" is the bad_files folder, "{world:x}" a path of the llama world.
+COMMON_BAD_INPUT = [
+    (["--dataset", "{bad}/null.jsonl"], "--dataset"), (["--dataset", "{bad}/number.jsonl"], "--dataset"),
+    (["--dataset", "{bad}/list.jsonl"], "--dataset"), (["--dataset", "{bad}/later.jsonl"], "--dataset"),
+    (["--dataset", "{bad}/empty.jsonl"], "--dataset"), (["--dataset", "{bad}/row.jsonl"], "--dataset"),
+    (["--dataset", "{bad}/notjson.jsonl"], "--dataset"), (["--dataset", "{bad}/bytes.jsonl"], "--dataset"),
+    (["--dataset", "{bad}/prompts.csv"], "--dataset"), (["--eval-dataset", "{bad}/prompts.json"], "--eval-dataset"),
+    (["--dataset", "{bad}/folder"], "--dataset"), (["--dataset", "{bad}/nowhere.jsonl"], "--dataset"),
+    (["--model-name", "{bad}/nowhere"], "--model-name"), (["--model-name", "{bad}/no_tokenizer"], "--model-name"),
+    (["--model-name", "{world:reward}"], "--model-name"),
+    (["--reward-model-name", "{world:policy}"], "--reward-model-name"),
+    (["--reward-model-name", "{bad}/two_labels"], "--reward-model-name"),
+    (["--gold-reward-model-name", "{world:policy}"], "--gold-reward-model-name"),
+    (["--learning-rate", "-1e-4"], "--learning-rate"), (["--learning-rate", "nan"], "--learning-rate"),
+    (["--kl-coef", "-0.1"], "--kl-coef"), (["--kl-coef", "inf"], "--kl-coef"),
+    (["--temperature", "0"], "--temperature"), (["--temperature", "nan"], "--temperature"),
+    (["--missing-eos-penalty", "-1"], "--missing-eos-penalty"), (["--ref-sync-mix", "0"], "--ref-sync-mix"),
+    (["--ref-sync-mix", "1.5"], "--ref-sync-mix"), (["--response-length", "0"], "--response-length"),
+    (["--batch-size", "0"], "--batch-size"), (["--total-episodes", "8"], "--total-episodes"),
+    (["--total-episodes", "40"], "--total-episodes"), (["--eval-size", "17"], "--eval-size"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--max-prompt-length", "250", "--response-length", "10"], "--model-name"),  # past the 256 positions
+    (["--output-dir", "{bad}/file"], "--output-dir"), (["--output-dir", "{bad}/file/run"], "--output-dir"),
 ]
-ALGO_BAD_FLAGS = {
-    "ppo_rlhf.py": [(["--num-minibatches", "3"], "--num-minibatches"),
-                    (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps")],
+ALGO_BAD_INPUT = {
+    "ppo_rlhf.py": [(["--num-ppo-epochs", "0"], "--num-ppo-epochs"), (["--num-minibatches", "0"], "--num-minibatches"),
+                    (["--num-minibatches", "3"], "--num-minibatches"),
+                    (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps"),
+                    (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps"),
+                    (["--clip-coef", "-0.2"], "--clip-coef"), (["--vf-clip-coef", "0"], "--vf-clip-coef"),
+                    (["--vf-coef", "nan"], "--vf-coef"), (["--gamma", "1.5"], "--gamma"), (["--lam", "-0.1"], "--lam"),
+                    (["--max-grad-norm", "0"], "--max-grad-norm"), (["--kl-target", "0"], "--kl-target"),
+                    (["--kl-horizon", "0"], "--kl-horizon")],
     "rloo_rlhf.py": [(["--rloo-k", "3"], "--rloo-k"), (["--rloo-k", "1"], "--rloo-k"),
-                     (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps")],
-    "sac_rlhf.py": [(["--buffer-size", "8"], "--buffer-size"), (["--n-step", "0"], "--n-step"),
+                     (["--num-ppo-epochs", "0"], "--num-ppo-epochs"),
+                     (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps"),
+                     (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps"),
+                     (["--clip-coef", "0"], "--clip-coef"), (["--max-grad-norm", "-1"], "--max-grad-norm")],
+    "sac_rlhf.py": [(["--buffer-size", "8"], "--buffer-size"), (["--minibatch-size", "0"], "--minibatch-size"),
+                    (["--minibatch-size", "2048"], "--buffer-size"), (["--n-step", "0"], "--n-step"),
                     (["--tau", "0"], "--tau"), (["--tau", "1.5"], "--tau"), (["--gamma", "1.5"], "--gamma"),
                     (["--alpha", "-1"], "--alpha"), (["--alpha", "0", "--autotune"], "--alpha"),
-                    (["--updates-per-rollout", "0"], "--updates-per-rollout")],
+                    (["--q-learning-rate", "0"], "--q-learning-rate"), (["--target-entropy-scale", "nan"], "--target-entropy-scale"),
+                    (["--updates-per-rollout", "0"], "--updates-per-rollout"), (["--learning-starts", "64"], "--learning-starts")],
 }
 
 
-@pytest.mark.parametrize("script,flags,flag", [(s, f, n) for s in SCRIPTS for f, n in COMMON_BAD_FLAGS + ALGO_BAD_FLAGS[s]])
-def test_bad_input_flags(script, flags, flag, tmp_path, llama):
-    assert flag in bad_run(script, tmp_path, llama, *flags)
+@pytest.mark.parametrize("script,flags,flag", [(s, f, n) for s in SCRIPTS for f, n in COMMON_BAD_INPUT + ALGO_BAD_INPUT[s]],
+                         ids=lambda x: " ".join(x) if isinstance(x, list) else x)
+def test_bad_input_ends_in_one_line_naming_the_flag(script, flags, flag, tmp_path, llama, bad_files):
+    flags = [f.replace("{bad}", str(bad_files)).replace("{world:reward}", llama.reward).replace("{world:policy}", llama.policy)
+             for f in flags]
+    out = flags[flags.index("--output-dir") + 1] if "--output-dir" in flags else str(tmp_path / "run")
+    code, stdout, stderr = run_main(script, *llama.args(), *TINY, "--output-dir", out, *flags, cwd=tmp_path)
+    assert code != 0 and "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()  # stopped before any run folder
+    assert (bad_files / "file").read_text() == "mine"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_refuses_to_overwrite_a_run(script, tmp_path, llama):
+def test_a_folder_with_anything_in_it_is_refused_and_left_alone(script, tmp_path, llama):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "args.json").write_text("mine")
-    (out / "metrics.jsonl").write_text("mine")
-    result = run_script(script, *llama.args(), *TINY, "--output-dir", str(out), cwd=tmp_path)
-    assert result.returncode != 0 and "--overwrite-output-dir" in result.stderr
-    assert (out / "args.json").read_text() == "mine" and (out / "metrics.jsonl").read_text() == "mine"
+    (out / "metrics.jsonl").write_text("mine")  # the user's own file, not a run of ours (no args.json)
+    code, _, stderr = run_main(script, *llama.args(), *TINY, "--output-dir", str(out), cwd=tmp_path)
+    assert code != 0 and "--overwrite-output-dir" in stderr and "Traceback" not in stderr
+    (out / "notes.txt").write_text("mine")  # with a file no run writes, even --overwrite-output-dir is refused
+    code, _, stderr = run_main(script, *llama.args(), *TINY, "--output-dir", str(out), "--overwrite-output-dir", cwd=tmp_path)
+    assert code != 0 and "notes.txt" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "notes.txt"]
+    assert (out / "metrics.jsonl").read_text() == "mine"
+
+
+def test_overwrite_replaces_the_whole_previous_run(tmp_path, llama):
+    """The old run's model must not stay beside the new run's records."""
+    out = tmp_path / "run"
+    code, _, stderr = run_main("rloo_rlhf.py", *llama.args(), *TINY, "--output-dir", str(out), cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert (out / "model").is_dir() and not (out / "INCOMPLETE").exists()
+    code, _, stderr = run_main("rloo_rlhf.py", *llama.args(), *TINY, "--output-dir", str(out), "--overwrite-output-dir",
+                               "--no-save-model", "--total-episodes", "16", cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "metrics.jsonl", "samples.jsonl"]
+    assert max(r["episode"] for r in read_jsonl(out / "metrics.jsonl")) == 16
+
+
+def test_default_run_folders_are_new_even_in_the_same_second(tmp_path):
+    import ppo_rlhf
+
+    base = str(tmp_path / "runs" / "ppo__1__1700000000")
+    assert [ppo_rlhf.new_folder(base) for _ in range(3)] == [base, base + "_2", base + "_3"]
+
+
+def test_args_json_records_the_device_and_precision_that_ran(tmp_path, llama):
+    out = tmp_path / "run"
+    code, _, stderr = run_main("rloo_rlhf.py", *llama.args(), *TINY, "--output-dir", str(out), cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    args = json.load(open(out / "args.json"))
+    assert args["cuda"] is False and args["mixed_precision"] == "no"  # auto on the CPU: no autocast
+
+
+def test_missing_eos_penalty_is_off_without_stop_at_eos(tmp_path, llama):
+    """A fixed-length response has no end to miss: the penalty would reward an EOS in the middle of the text."""
+    out = tmp_path / "run"
+    code, stdout, stderr = run_main("rloo_rlhf.py", *llama.args(), *TINY, "--no-stop-at-eos", "--output-dir", str(out),
+                                    cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert "--missing-eos-penalty applies only with --stop-at-eos" in stdout
+    assert json.load(open(out / "args.json"))["missing_eos_penalty"] is None
+
+
+def test_ctrl_c_ends_with_one_line_and_an_incomplete_folder(tmp_path, llama):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "ppo_rlhf.py"), *llama.args(), "--total-episodes", "100000",
+                             "--batch-size", "16", "--eval-size", "8", "--response-length", "6", "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists() or "objective" not in (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.count("error:") == 1 and "interrupted by Ctrl-C at episode" in stderr.strip().splitlines()[-1]
+    assert (out / "INCOMPLETE").exists() and not (out / "model").exists()
+    assert any("objective/scores" in r for r in read_jsonl(out / "metrics.jsonl"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_non_finite_loss_stops_without_saving(script, tmp_path, llama):
     out = tmp_path / "run"
-    result = run_script(script, *llama.args(), *TINY, "--output-dir", str(out), "--learning-rate", "1e30",
-                        "--max-grad-norm", "None", cwd=tmp_path)
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    code, _, stderr = run_main(script, *llama.args(), *TINY, "--output-dir", str(out), "--learning-rate", "1e30",
+                               "--max-grad-norm", "None", cwd=tmp_path)
+    assert code != 0 and "Traceback" not in stderr, stderr[-3000:]
     # PPO's several epochs meet the NaN in a loss; RLOO's single step first meets it when sampling next.
-    assert ("non-finite loss" in result.stderr and "at update" in result.stderr) or "diverged at the last update" in result.stderr
-    assert not (out / "model").exists()
+    assert ("non-finite loss" in stderr and "at update" in stderr) or "next-token probabilities are not finite" in stderr
+    assert not (out / "model").exists() and (out / "INCOMPLETE").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: bf16 and fp16 autocast run on the CPU too, the very code path a GPU runs
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_mixed_precision_runs_on_the_cpu_with_kl_zero_at_the_start(script, precision, tmp_path, llama):
+    out = tmp_path / "run"
+    extra = ["--autotune", "--alpha", "0.1"] if script == "sac_rlhf.py" else []
+    code, _, stderr = run_main(script, *llama.args(), *TINY, "--mixed-precision", precision, "--output-dir", str(out),
+                               *extra, cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert json.load(open(out / "args.json"))["mixed_precision"] == precision
+    records = read_jsonl(out / "metrics.jsonl")
+    assert all(math.isfinite(v) for r in records for v in r.values())
+    # Policy and reference are the same model at the start: the KL is exactly 0 under autocast as in fp32.
+    assert records[0]["eval/kl"] == 0.0 and records[1]["objective/kl"] == 0.0
+    assert records[-1]["eval/kl"] != 0.0  # and the policy did move
+
+
+def test_precision_of_each_model_under_autocast(llama):
+    """fp32 master weights for what is trained and for the reference; the reward models held in the low precision;
+    forward passes in bf16 under autocast, log-probs in fp32."""
+    import ppo_rlhf as ppo
+
+    args = ppo.Args(**dict(zip([a[2:].replace("-", "_") for a in llama.args()[::2]], llama.args()[1::2])))
+    args.gold_reward_model_name, args.mixed_precision = llama.reward, "bf16"
+    device, autocast, frozen_dtype = ppo.setup_run(args)
+    tokenizer, policy, ref_policy, reward_model, gold_model = ppo.load_models(args, device, frozen_dtype)
+    assert policy.dtype == ref_policy.dtype == torch.float32
+    assert reward_model.dtype == gold_model.dtype == frozen_dtype == torch.bfloat16
+    query, query_mask = ppo.left_pad([[5, 6, 7]], tokenizer.pad_token_id, device)
+    responses, resp_mask = torch.tensor([[8, 9]]), torch.ones(1, 2, dtype=torch.long)
+    with autocast:
+        assert policy(input_ids=query).logits.dtype == torch.bfloat16
+    logprobs, entropy = ppo.forward_logprobs(policy, query, query_mask, responses, resp_mask, 1.0, autocast)
+    assert logprobs.dtype == entropy.dtype == torch.float32
+    assert ppo.get_scores(reward_model, query, query_mask, responses, resp_mask, autocast).dtype == torch.float32
+
+
+def test_sync_reference_is_exact_in_fp32():
+    """ref <- mix * policy + (1 - mix) * ref, exactly as in fp32 even for a small mix (bf16 would round it away)."""
+    import ppo_rlhf as ppo
+
+    torch.manual_seed(0)
+    policy, ref = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    before = [p.detach().clone() for p in ref.parameters()]
+    ppo.sync_reference(ref, policy, 0.01)
+    for r, b, p in zip(ref.parameters(), before, policy.parameters()):
+        torch.testing.assert_close(r, b + 0.01 * (p - b), atol=1e-7, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared RLHF core: sampling, masks, scores
+# ---------------------------------------------------------------------------------------------
+def test_sampling_with_the_kv_cache_uses_the_full_forward_distribution(world, monkeypatch):
+    """Every next-token distribution generate() samples from is softmax(full forward logits / temperature)."""
+    import types
+
+    import ppo_rlhf as ppo
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world.policy)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    policy = AutoModelForCausalLM.from_pretrained(world.policy, dtype=torch.float32).eval()
+    query, query_mask = ppo.left_pad([tok("the red cat sees")["input_ids"], tok("a dog")["input_ids"]], pad_id, "cpu")
+    seen, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator: seen.append(probs) or multinomial(probs, n, generator=generator))
+    args = types.SimpleNamespace(response_length=5, temperature=0.7, stop_at_eos=False)
+    tokens = ppo.generate(policy, query, query_mask, args, tok.eos_token_id, torch.Generator().manual_seed(0), NO_AUTOCAST)
+    assert tokens.shape == (2, 5) and len(seen) == 5
+    ids, mask = torch.cat([query, tokens], 1), torch.cat([query_mask, torch.ones_like(tokens)], 1)
+    with torch.no_grad():
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=ppo.position_ids(mask)).logits
+    for t in range(5):
+        want = torch.softmax(logits[:, query.shape[1] - 1 + t] / 0.7, -1)
+        torch.testing.assert_close(seen[t], want, atol=1e-5, rtol=1e-4)
+
+
+def test_generate_stops_once_every_row_has_ended(llama, monkeypatch):
+    import types
+
+    import ppo_rlhf as ppo
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(llama.policy, dtype=torch.float32).eval()
+    eos = policy.config.eos_token_id
+    draws = iter([[[5], [eos]], [[eos], [6]], [[7], [8]], [[9], [9]]])  # row 0 ends at step 2, row 1 at step 1
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator: torch.tensor(next(draws)))
+    args = types.SimpleNamespace(response_length=4, temperature=1.0, stop_at_eos=True)
+    query, query_mask = ppo.left_pad([[5, 6], [7]], 0, "cpu")
+    tokens = ppo.generate(policy, query, query_mask, args, eos, None, NO_AUTOCAST)
+    assert tokens.tolist() == [[5, eos], [eos, 6]]  # stopped after step 2: both rows have an EOS
+    args.stop_at_eos = False
+    draws = iter([[[5], [eos]], [[eos], [6]], [[7], [8]], [[9], [9]]])
+    assert ppo.generate(policy, query, query_mask, args, eos, None, NO_AUTOCAST).shape == (2, 4)
+
+
+def test_rollout_subtracts_the_missing_eos_penalty_from_responses_without_eos(llama, monkeypatch):
+    import types
+
+    import ppo_rlhf as ppo
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    policy = AutoModelForCausalLM.from_pretrained(llama.policy, dtype=torch.float32).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(llama.reward, dtype=torch.float32).eval()
+    eos, pad = policy.config.eos_token_id, policy.config.pad_token_id
+    raw = torch.tensor([[5, eos, 9], [5, 6, 7], [eos, 8, 8]])
+    monkeypatch.setattr(ppo, "generate", lambda *a: raw)
+    query, query_mask = ppo.left_pad([[5, 6], [7], [8, 9]], pad, "cpu")
+    args = types.SimpleNamespace(temperature=1.0, stop_at_eos=True, missing_eos_penalty=2.5)
+    r = ppo.rollout(policy, policy, rm, query, query_mask, args, eos, pad, None, NO_AUTOCAST)
+    assert r["mask"].tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]] and r["has_eos"].tolist() == [True, False, True]
+    raw_scores = ppo.get_scores(rm, query, query_mask, r["responses"], r["mask"].long(), NO_AUTOCAST)
+    torch.testing.assert_close(r["scores"], raw_scores - torch.tensor([0.0, 2.5, 0.0]))
+    assert (r["logprobs"] * (1 - r["mask"])).abs().sum() == 0 and (r["logprobs"] - r["ref_logprobs"]).abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The main loops, run in this process: schedule, reference resets
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, tmp_path, monkeypatch):
+    steps = record_optimizer_steps(monkeypatch)
+    extra = ["--autotune", "--alpha", "0.1"] if script == "sac_rlhf.py" else []
+    code, _, stderr = run_main(script, *llama.args(), *TINY, "--total-episodes", "64", "--learning-rate", "1e-3",
+                               "--output-dir", str(tmp_path / "run"), *extra, cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    optimizers = list(dict.fromkeys(s["optimizer"] for s in steps))  # policy first; SAC: then critic, alpha
+    rates = [[s["lr"] for s in steps if s["optimizer"] is opt] for opt in optimizers]
+    factors = [1, 0.75, 0.5, 0.25]  # update u of 4 runs at (1 - (u - 1) / 4) of the initial rate
+    per_update = len(rates[0]) // 4
+    assert rates[0] == pytest.approx([1e-3 * f for f in factors for _ in range(per_update)])
+    if script == "sac_rlhf.py":  # the critic's and alpha's rates decay alongside (--q-learning-rate 1e-3)
+        assert len(optimizers) == 3 and rates[1] == rates[2] == pytest.approx(rates[0])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_reference_reset_copies_the_policy(script, llama, tmp_path):
+    out = {}
+    for sync in ["0", "1"]:
+        out[sync] = tmp_path / f"sync{sync}"
+        code, _, stderr = run_main(script, *llama.args(), *TINY, "--learning-rate", "1e-2", "--ref-sync-every", sync,
+                                   "--output-dir", str(out[sync]), cwd=tmp_path)
+        assert code == 0, stderr[-3000:]
+    synced, frozen = read_jsonl(out["1"] / "metrics.jsonl"), read_jsonl(out["0"] / "metrics.jsonl")
+    # After the first update the reference is set to the policy: the evaluation right after it, and the next
+    # rollout, see no KL at all; with the frozen reference both do.
+    evals, train = [r for r in synced if "eval/kl" in r], [r for r in synced if "objective/kl" in r]
+    assert evals[1]["episode"] == 16 and evals[1]["eval/kl"] == 0.0 and train[1]["objective/kl"] == 0.0
+    assert [r for r in frozen if "eval/kl" in r][1]["eval/kl"] != 0.0

@@ -1,13 +1,14 @@
 """ppo_rlhf.py: its math against exact enumeration and plain loops, and the script end to end."""
 
 import contextlib
+import math
 
 import pytest
 import torch
 
 import ppo_rlhf as ppo
 from tests import enumeration as en
-from tests.helpers import read_jsonl, run_script
+from tests.helpers import read_jsonl, record_optimizer_steps, run_main, run_script
 
 NO_AUTOCAST = contextlib.nullcontext()
 TINY = ["--total-episodes", "32", "--batch-size", "16", "--eval-every", "16", "--eval-size", "8", "--response-length", "6"]
@@ -154,3 +155,83 @@ def test_tinyworld_run_with_gold_rm_and_options(tinyworld, tmp_path):
     assert all("eval/gold_scores" in r for r in records if "eval/scores" in r)
     coefs = [r["objective/kl_coef"] for r in records if "objective/kl_coef" in r]
     assert coefs[0] == 0.05 and coefs[1] != coefs[0]  # the controller moved it
+
+
+# ---------------------------------------------------------------------------------------------
+# Clipping away from ratio 1
+# ---------------------------------------------------------------------------------------------
+def test_policy_clip_stops_the_gradient_only_where_the_ratio_left_the_range_in_the_advantage_direction():
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]])).requires_grad_()  # ratios 1.5, 1.5, 0.5, 0.5
+    advantages, mask = torch.tensor([[1.0, -1.0, 1.0, -1.0]]), torch.ones(1, 4)
+    loss, approxkl, clipfrac, ratio_mean = ppo.ppo_policy_loss(new, old, advantages, mask, 0.2)
+    # Per token: max(-A r, -A clip(r)): -1.2 (clipped), 1.5, -0.5, 0.8 (clipped); their mean.
+    assert loss.item() == pytest.approx((-1.2 + 1.5 - 0.5 + 0.8) / 4)
+    grad = torch.autograd.grad(loss, new)[0]
+    # A > 0 above 1 + eps and A < 0 below 1 - eps are clipped (no gradient); the other two are not: -A r / 4.
+    torch.testing.assert_close(grad, torch.tensor([[0.0, 1.5 / 4, -0.5 / 4, 0.0]]))
+    assert clipfrac.item() == 1.0 and ratio_mean.item() == pytest.approx(1.0)
+    assert approxkl.item() == pytest.approx(0.5 * (2 * math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2) / 4)
+    masked = ppo.ppo_policy_loss(new, old, advantages, torch.tensor([[1.0, 1.0, 0.0, 0.0]]), 0.2)[0]
+    assert masked.item() == pytest.approx((-1.2 + 1.5) / 2)  # the mean over real tokens only
+
+
+def test_value_clip_takes_the_worse_of_the_plain_and_the_clipped_error():
+    old, returns, mask = torch.zeros(1, 3), torch.tensor([[1.0, 1.0, -1.0]]), torch.ones(1, 3)
+    values = torch.tensor([[0.5, -0.5, 0.1]], requires_grad=True)
+    loss, clipfrac = ppo.ppo_value_loss(values, old, returns, mask, 0.2)
+    # Clipped values 0.2, -0.2, 0.1; errors plain 0.25, 2.25, 1.21 and clipped 0.64, 1.44, 1.21; the larger of each.
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 2.25 + 1.21) / 3)
+    grad = torch.autograd.grad(loss, values)[0]
+    # Token 0: the clipped error is larger and does not depend on the value (gradient 0); tokens 1 and 2: v - R.
+    torch.testing.assert_close(grad, torch.tensor([[0.0, -1.5 / 3, 1.1 / 3]]))
+    assert clipfrac.item() == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The main loop, run in this process
+# ---------------------------------------------------------------------------------------------
+def test_gradient_accumulation_gives_the_gradient_of_one_big_minibatch(tinyworld, tmp_path, monkeypatch):
+    """Responses of unequal lengths: micro-batches of a minibatch must weigh every token the same."""
+    grads = {}
+    for steps in [1, 4]:
+        recorded = record_optimizer_steps(monkeypatch)
+        code, _, stderr = run_main("ppo_rlhf.py", *tinyworld.args(), "--total-episodes", "16", "--batch-size", "16",
+                                   "--num-minibatches", "2", "--num-ppo-epochs", "1", "--gradient-accumulation-steps", str(steps),
+                                   "--eval-size", "4", "--eval-every", "100", "--max-grad-norm", "None", "--no-save-model",
+                                   "--output-dir", str(tmp_path / f"run{steps}"), cwd=tmp_path)
+        assert code == 0, stderr[-3000:]
+        grads[steps] = recorded[0]["grads"]  # the first optimizer step: the same rollout and policy in every run
+        lengths = read_jsonl(tmp_path / f"run{steps}" / "samples.jsonl")
+    assert len({len(s["response"].split()) for s in lengths}) > 1  # the lengths differ
+    for a, b in zip(grads[1], grads[4]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_k3_in_the_loss_stays_finite_at_a_low_temperature(tinyworld, tmp_path):
+    """log pi at padding used to be unmasked: exp(-log r) overflowed to inf and the loss became NaN."""
+    code, _, stderr = run_main("ppo_rlhf.py", *tinyworld.args(), *TINY, "--temperature", "0.1", "--kl-estimator", "k3",
+                               "--kl-in", "loss", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+
+
+@pytest.mark.parametrize("target,direction", [(1e-4, 1), (1e4, -1)])
+def test_adaptive_kl_controller_raises_the_coefficient_above_the_target_and_lowers_it_below(
+        target, direction, llama_world, tmp_path):
+    out = tmp_path / "run"
+    code, _, stderr = run_main("ppo_rlhf.py", *llama_world.args(), *TINY, "--total-episodes", "64", "--kl-target", str(target),
+                               "--kl-horizon", "160", "--learning-rate", "1e-2", "--output-dir", str(out), cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    train = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/kl_coef" in r]
+    coefs = [r["objective/kl_coef"] for r in train]
+    assert coefs[0] == 0.05 and train[0]["objective/kl"] == 0  # the first batch comes from the reference itself
+    for before, after, r in zip(coefs, coefs[1:], train):
+        # Ziegler et al.: kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * batch / horizon (batch 16, horizon 160).
+        error = max(-0.2, min(0.2, r["objective/kl"] / target - 1))
+        assert after == pytest.approx(before * (1 + error * 0.1))
+    assert all((b - a) * direction > 0 for a, b in zip(coefs[1:], coefs[2:]))  # KL > 0 from the second batch on
+
+
+@pytest.fixture
+def llama_world(worlds):
+    return worlds["llama"]

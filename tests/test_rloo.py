@@ -7,7 +7,7 @@ import torch
 
 import rloo_rlhf as rloo
 from tests import enumeration as en
-from tests.helpers import read_jsonl, run_script
+from tests.helpers import read_jsonl, record_optimizer_steps, run_main, run_script
 
 BETA = 0.7
 TINY = ["--total-episodes", "32", "--batch-size", "16", "--eval-every", "16", "--eval-size", "8", "--response-length", "6"]
@@ -82,11 +82,13 @@ def test_clipping_acts_only_from_the_second_epoch():
     seq_old = torch.tensor([-3.0, -2.0, -1.0])
     advantages = torch.tensor([1.0, -1.0, 2.0])
     seq_new = seq_old.clone().requires_grad_()
-    loss, _, clipfrac, ratio_mean = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
+    loss, reported, _, clipfrac, ratio_mean = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
     assert clipfrac == 0 and ratio_mean == 1
+    assert loss.item() == pytest.approx(-advantages.mean().item())  # the ratio loss's value: not what is reported
+    assert reported.item() == pytest.approx(-(advantages * seq_old).mean().item())  # the REINFORCE loss
     torch.testing.assert_close(torch.autograd.grad(loss, seq_new)[0], -advantages / 3)  # plain REINFORCE
     seq_new = (seq_old + torch.tensor([0.5, -0.5, 0.0])).requires_grad_()  # ratios e^0.5, e^-0.5, 1
-    loss, _, clipfrac, _ = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
+    loss, _, _, clipfrac, _ = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
     grad = torch.autograd.grad(loss, seq_new)[0]
     assert clipfrac == pytest.approx(2 / 3) and grad[0] == 0 and grad[1] == 0 and grad[2] != 0
 
@@ -109,3 +111,32 @@ def test_tinyworld_run_with_clipping_and_options(tinyworld, tmp_path):
     train = [r for r in records if "objective/scores" in r]
     assert all({"rloo/clipfrac", "rloo/approxkl", "rloo/ratio_mean"} <= set(r) for r in train)
     assert train[-1]["rloo/approxkl"] > 0  # the second epoch saw a changed policy
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tinyworld, tmp_path, monkeypatch):
+    grads = {}
+    for steps in [1, 4]:
+        recorded = record_optimizer_steps(monkeypatch)
+        code, _, stderr = run_main("rloo_rlhf.py", *tinyworld.args(), "--total-episodes", "16", "--batch-size", "16",
+                                   "--gradient-accumulation-steps", str(steps), "--eval-size", "4", "--eval-every", "100",
+                                   "--max-grad-norm", "None", "--no-save-model", "--kl-in", "loss", "--kl-estimator", "k2",
+                                   "--output-dir", str(tmp_path / f"run{steps}"), cwd=tmp_path)
+        assert code == 0, stderr[-3000:]
+        grads[steps] = recorded[0]["grads"]
+    for a, b in zip(grads[1], grads[4]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_k3_in_the_loss_stays_finite_at_a_low_temperature(tinyworld, tmp_path):
+    code, _, stderr = run_main("rloo_rlhf.py", *tinyworld.args(), *TINY, "--temperature", "0.1", "--kl-estimator", "k3",
+                               "--kl-in", "loss", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+
+
+def test_logged_policy_loss_is_the_reinforce_loss_not_the_zero_ratio_loss(worlds, tmp_path):
+    out = tmp_path / "run"
+    code, _, stderr = run_main("rloo_rlhf.py", *worlds["llama"].args(), *TINY, "--output-dir", str(out), cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    train = [r for r in read_jsonl(out / "metrics.jsonl") if "loss/policy" in r]
+    # The ratio loss is 0 up to rounding on a first pass (its advantages sum to 0 per prompt); this one is not.
+    assert all(abs(r["loss/policy"]) > 1e-3 for r in train)
