@@ -152,7 +152,7 @@ def check_common_args(args):
     if args.total_episodes % args.batch_size:
         fewer = args.total_episodes - args.total_episodes % args.batch_size
         fail(f"--total-episodes {args.total_episodes} is not a multiple of --batch-size {args.batch_size}; "
-             f"use {fewer or args.batch_size} or {fewer + args.batch_size}")
+             + (f"use {fewer} or {fewer + args.batch_size}" if fewer else f"use {args.batch_size} or more"))
     if not args.stop_at_eos and args.missing_eos_penalty is not None:  # a fixed-length response has no end to miss
         print("note: --missing-eos-penalty applies only with --stop-at-eos; it is off in this run")
         args.missing_eos_penalty = None
@@ -177,6 +177,8 @@ def load_prompts(name, flag, size=None):
     """Prompts (the first `size`, if given) from a .jsonl file with a `prompt` on every line or a hub `name[:split]`."""
     form = 'pass a UTF-8 .jsonl file with one {"prompt": "..."} object per line'
     if name.endswith(".jsonl") or os.path.exists(name):
+        if not os.path.exists(name):
+            fail(f"{flag} {name}: no such file; {form}")
         if not (name.endswith(".jsonl") and os.path.isfile(name)):
             fail(f"{flag} {name}: not a .jsonl file; {form}")
         try:
@@ -202,7 +204,7 @@ def load_prompts(name, flag, size=None):
         fail(f"{flag} {name} has no rows; {form}")
     for number, row in enumerate(rows, 1):
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
-            fail(f"{flag} {name}: row {number} has no text `prompt` field (it is {str(row)[:60]}); {form}")
+            fail(f"{flag} {name}: row {number} has no text `prompt` field (it is {repr(row)[:60]}); {form}")
     if size is not None and size > len(rows):
         fail(f"--eval-size {size} is more than the {len(rows)} prompts of {flag} {name}; pass at most {len(rows)}")
     return [row["prompt"] for row in rows][:size]
@@ -579,6 +581,11 @@ def kl_penalty(logprobs, ref_logprobs, estimator):
     return torch.exp(-log_ratio) - 1 + log_ratio  # k3: (r - 1) - log r with r = pi_ref / pi
 
 
+def sequence_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
+    """One reward per response: R = RM score - kl_coef * sum_t k_t, the KL estimate summed over its real tokens."""
+    return scores - kl_coef * (kl_penalty(logprobs, ref_logprobs, estimator) * mask).sum(1)
+
+
 def rloo_advantages(rewards, k):
     """Leave-one-out advantages for rewards laid out as consecutive groups of k responses per prompt.
 
@@ -665,9 +672,8 @@ if __name__ == "__main__":
         # ALGO LOGIC: one reward per response, leave-one-out advantages
         t0 = time.time()
         with torch.no_grad():
-            rewards = r["scores"].clone()
-            if args.kl_in == "reward":  # R = score - kl_coef * sum_t k_t, the KL summed over the response
-                rewards -= kl_coef * (kl_penalty(r["logprobs"], r["ref_logprobs"], args.kl_estimator) * mask).sum(1)
+            kl_in_reward = kl_coef if args.kl_in == "reward" else 0.0
+            rewards = sequence_rewards(r["scores"], r["logprobs"], r["ref_logprobs"], mask, kl_in_reward, args.kl_estimator)
             advantages, baselines = rloo_advantages(rewards, args.rloo_k)
             if args.normalize_advantage:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)

@@ -167,7 +167,7 @@ def check_common_args(args):
     if args.total_episodes % args.batch_size:
         fewer = args.total_episodes - args.total_episodes % args.batch_size
         fail(f"--total-episodes {args.total_episodes} is not a multiple of --batch-size {args.batch_size}; "
-             f"use {fewer or args.batch_size} or {fewer + args.batch_size}")
+             + (f"use {fewer} or {fewer + args.batch_size}" if fewer else f"use {args.batch_size} or more"))
     if not args.stop_at_eos and args.missing_eos_penalty is not None:  # a fixed-length response has no end to miss
         print("note: --missing-eos-penalty applies only with --stop-at-eos; it is off in this run")
         args.missing_eos_penalty = None
@@ -192,6 +192,8 @@ def load_prompts(name, flag, size=None):
     """Prompts (the first `size`, if given) from a .jsonl file with a `prompt` on every line or a hub `name[:split]`."""
     form = 'pass a UTF-8 .jsonl file with one {"prompt": "..."} object per line'
     if name.endswith(".jsonl") or os.path.exists(name):
+        if not os.path.exists(name):
+            fail(f"{flag} {name}: no such file; {form}")
         if not (name.endswith(".jsonl") and os.path.isfile(name)):
             fail(f"{flag} {name}: not a .jsonl file; {form}")
         try:
@@ -217,7 +219,7 @@ def load_prompts(name, flag, size=None):
         fail(f"{flag} {name} has no rows; {form}")
     for number, row in enumerate(rows, 1):
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
-            fail(f"{flag} {name}: row {number} has no text `prompt` field (it is {str(row)[:60]}); {form}")
+            fail(f"{flag} {name}: row {number} has no text `prompt` field (it is {repr(row)[:60]}); {form}")
     if size is not None and size > len(rows):
         fail(f"--eval-size {size} is more than the {len(rows)} prompts of {flag} {name}; pass at most {len(rows)}")
     return [row["prompt"] for row in rows][:size]

@@ -105,9 +105,7 @@ def expected_code_gradient(estimator, kl_in):
     total = 0.0
     for i in range(len(ys)):
         lp, rlp, mask = logp[i : i + 1], ref_logp[i : i + 1], torch.ones(1, 2)
-        rewards = torch.zeros(1, 2)
-        if kl_in == "reward":
-            rewards = -BETA * ppo.kl_penalty(lp.detach(), rlp, estimator)
+        rewards = ppo.token_rewards(torch.zeros(1), lp.detach(), rlp, mask, BETA if kl_in == "reward" else 0.0, estimator)
         advantages, _ = ppo.compute_gae(rewards, torch.zeros(1, 2), mask, 1.0, 1.0)
         loss, *_ = ppo.ppo_policy_loss(lp, lp.detach(), advantages, mask, 0.2)
         if kl_in == "loss":
@@ -235,3 +233,14 @@ def test_adaptive_kl_controller_raises_the_coefficient_above_the_target_and_lowe
 @pytest.fixture
 def llama_world(worlds):
     return worlds["llama"]
+
+
+def test_token_rewards_put_the_score_on_the_last_real_token_of_each_response():
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])  # lengths 3 (EOS last), 1 (EOS first), 4 (cut)
+    logprobs = torch.tensor([[-1.0, -2, -1, 0], [-0.5, 0, 0, 0], [-1, -1, -1, -1]])
+    ref_logprobs = torch.tensor([[-1.5, -1, -1, 0], [-1.0, 0, 0, 0], [-1, -2, -1, -1]])
+    rewards = ppo.token_rewards(torch.tensor([2.0, -1.0, 0.5]), logprobs, ref_logprobs, mask, 0.1, "k1")
+    want = torch.tensor([[-0.05, 0.1, 2.0, 0], [-1.05, 0, 0, 0], [0, -0.1, 0, 0.5]])
+    torch.testing.assert_close(rewards, want)
+    # The return from the first token is score - kl_coef * the sequence's summed log-ratio.
+    torch.testing.assert_close(rewards.sum(1), torch.tensor([2.0 - 0.1 * -0.5, -1.0 - 0.1 * 0.5, 0.5 - 0.1 * 1.0]))

@@ -41,9 +41,8 @@ def expected_rloo_gradient(k, estimator, kl_in, scores):
     probs = logp.sum(1).exp().detach()
     draws = torch.tensor(list(itertools.product(range(len(probs)), repeat=k))).flatten()  # groups of k, in a row
     lp, rlp = logp[draws], ref_logp[draws]
-    rewards = scores[draws].clone()
-    if kl_in == "reward":
-        rewards -= BETA * rloo.kl_penalty(lp.detach(), rlp, estimator).sum(1)
+    rewards = rloo.sequence_rewards(scores[draws], lp.detach(), rlp, torch.ones_like(lp), BETA if kl_in == "reward" else 0.0,
+                                    estimator)
     advantages, _ = rloo.rloo_advantages(rewards, k)
     draw_weight = probs[draws].view(-1, k).prod(1).repeat_interleave(k) * (len(draws) // k)
     seq_logp = lp.sum(1)
@@ -140,3 +139,11 @@ def test_logged_policy_loss_is_the_reinforce_loss_not_the_zero_ratio_loss(worlds
     train = [r for r in read_jsonl(out / "metrics.jsonl") if "loss/policy" in r]
     # The ratio loss is 0 up to rounding on a first pass (its advantages sum to 0 per prompt); this one is not.
     assert all(abs(r["loss/policy"]) > 1e-3 for r in train)
+
+
+def test_sequence_rewards_subtract_the_kl_summed_over_real_tokens_only():
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1]])
+    logprobs = torch.tensor([[-1.0, -2, -9], [-1, -1, -1]])  # the -9 is padding: it must not count
+    ref_logprobs = torch.tensor([[-1.5, -1, 0], [-1, -2, -1]])
+    rewards = rloo.sequence_rewards(torch.tensor([2.0, 0.5]), logprobs, ref_logprobs, mask, 0.1, "k1")
+    torch.testing.assert_close(rewards, torch.tensor([2.0 - 0.1 * (0.5 - 1.0), 0.5 - 0.1 * 1.0]))
