@@ -602,6 +602,11 @@ def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
     return rewards
 
 
+def token_kl_loss(logprobs, ref_logprobs, mask, kl_coef, estimator):
+    """--kl-in loss: kl_coef times the token mean of the KL estimate, differentiated through log pi (see kl_penalty)."""
+    return kl_coef * masked_mean(kl_penalty(logprobs, ref_logprobs, estimator), mask)
+
+
 def whiten(x, mask, shift_mean=True):
     """Normalise x to unit variance (and zero mean) over the real tokens."""
     mean = masked_mean(x, mask)
@@ -714,7 +719,7 @@ if __name__ == "__main__":
         # ALGO LOGIC: per-token rewards, GAE advantages and returns
         t0 = time.time()
         with torch.no_grad():
-            kl_in_reward = kl_coef if args.kl_in == "reward" else 0.0
+            kl_in_reward, kl_in_loss = (kl_coef, 0.0) if args.kl_in == "reward" else (0.0, kl_coef)
             rewards = token_rewards(r["scores"], r["logprobs"], r["ref_logprobs"], mask, kl_in_reward, args.kl_estimator)
             if args.whiten_rewards:
                 rewards = whiten(rewards, mask, shift_mean=False) * mask
@@ -736,9 +741,8 @@ if __name__ == "__main__":
                     new_values = get_values(value_model, query[idx], query_mask[idx], responses[idx], mb_mask.long(), autocast)
                     pg_loss, approxkl, clipfrac, ratio_mean = ppo_policy_loss(new_logprobs, r["logprobs"][idx], advantages[idx], mb_mask, args.clip_coef)
                     vf_loss, vf_clipfrac = ppo_value_loss(new_values, values[idx], returns[idx], mb_mask, args.vf_clip_coef)
-                    loss = pg_loss + args.vf_coef * vf_loss
-                    if args.kl_in == "loss":  # the KL term differentiated directly (see kl_penalty)
-                        loss = loss + kl_coef * masked_mean(kl_penalty(new_logprobs, r["ref_logprobs"][idx], args.kl_estimator), mb_mask)
+                    kl_term = token_kl_loss(new_logprobs, r["ref_logprobs"][idx], mb_mask, kl_in_loss, args.kl_estimator)
+                    loss = pg_loss + args.vf_coef * vf_loss + kl_term
                     check_finite(loss, update)
                     scaler.scale(loss * mb_mask.sum() / minibatch_tokens).backward()
                     for k, v in zip(stats, [pg_loss, vf_loss, approxkl, clipfrac, ratio_mean, vf_clipfrac]):

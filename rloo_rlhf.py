@@ -586,6 +586,12 @@ def sequence_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
     return scores - kl_coef * (kl_penalty(logprobs, ref_logprobs, estimator) * mask).sum(1)
 
 
+def sequence_kl_loss(logprobs, ref_logprobs, mask, kl_coef, estimator):
+    """--kl-in loss: kl_coef times the KL estimate summed over each response, batch mean, differentiated through
+    log pi (see kl_penalty)."""
+    return kl_coef * (kl_penalty(logprobs, ref_logprobs, estimator) * mask).sum(1).mean()
+
+
 def rloo_advantages(rewards, k):
     """Leave-one-out advantages for rewards laid out as consecutive groups of k responses per prompt.
 
@@ -672,7 +678,7 @@ if __name__ == "__main__":
         # ALGO LOGIC: one reward per response, leave-one-out advantages
         t0 = time.time()
         with torch.no_grad():
-            kl_in_reward = kl_coef if args.kl_in == "reward" else 0.0
+            kl_in_reward, kl_in_loss = (kl_coef, 0.0) if args.kl_in == "reward" else (0.0, kl_coef)
             rewards = sequence_rewards(r["scores"], r["logprobs"], r["ref_logprobs"], mask, kl_in_reward, args.kl_estimator)
             advantages, baselines = rloo_advantages(rewards, args.rloo_k)
             if args.normalize_advantage:
@@ -689,9 +695,7 @@ if __name__ == "__main__":
                 seq_logprobs = (new_logprobs * mask[idx]).sum(1)
                 pg_loss, pg_reported, approxkl, clipfrac, ratio_mean = rloo_policy_loss(
                     seq_logprobs, old_seq_logprobs[idx], advantages[idx], args.clip_coef)
-                loss = pg_loss
-                if args.kl_in == "loss":  # the KL term differentiated directly, summed over the response (see kl_penalty)
-                    loss = loss + kl_coef * (kl_penalty(new_logprobs, r["ref_logprobs"][idx], args.kl_estimator) * mask[idx]).sum(1).mean()
+                loss = pg_loss + sequence_kl_loss(new_logprobs, r["ref_logprobs"][idx], mask[idx], kl_in_loss, args.kl_estimator)
                 check_finite(loss, update)
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
                 for k, v in zip(stats, [pg_reported, approxkl, clipfrac, ratio_mean]):

@@ -254,8 +254,11 @@ def test_non_finite_loss_stops_without_saving(script, tmp_path, llama):
     code, _, stderr = run_main(script, *llama.args(), *TINY, "--output-dir", str(out), "--learning-rate", "1e30",
                                "--max-grad-norm", "None", cwd=tmp_path)
     assert code != 0 and "Traceback" not in stderr, stderr[-3000:]
-    # PPO's several epochs meet the NaN in a loss; RLOO's single step first meets it when sampling next.
-    assert ("non-finite loss" in stderr and "at update" in stderr) or "next-token probabilities are not finite" in stderr
+    # PPO's and SAC's several steps per rollout meet the NaN in a loss; RLOO's single step first meets it when sampling.
+    if script == "rloo_rlhf.py":
+        assert "next-token probabilities are not finite" in stderr
+    else:
+        assert "non-finite loss" in stderr and "at update 1;" in stderr
     assert not (out / "model").exists() and (out / "INCOMPLETE").exists()
 
 
@@ -264,12 +267,17 @@ def test_non_finite_loss_stops_without_saving(script, tmp_path, llama):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_mixed_precision_runs_on_the_cpu_with_kl_zero_at_the_start(script, precision, tmp_path, llama):
+def test_mixed_precision_runs_on_the_cpu_with_kl_zero_at_the_start(script, precision, tmp_path, llama, monkeypatch):
     out = tmp_path / "run"
+    through_scaler, scaler_step = set(), torch.amp.GradScaler.step
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, opt, *a, **k: through_scaler.add(opt) or scaler_step(self, opt, *a, **k))
+    steps = record_optimizer_steps(monkeypatch)
     extra = ["--autotune", "--alpha", "0.1"] if script == "sac_rlhf.py" else []
     code, _, stderr = run_main(script, *llama.args(), *TINY, "--mixed-precision", precision, "--output-dir", str(out),
                                *extra, cwd=tmp_path)
     assert code == 0, stderr[-3000:]
+    # Every optimizer steps through the gradient scaler (a no-op for bf16; for fp16 it unscales and skips infs).
+    assert steps and {s["optimizer"] for s in steps} == through_scaler
     assert json.load(open(out / "args.json"))["mixed_precision"] == precision
     records = read_jsonl(out / "metrics.jsonl")
     assert all(math.isfinite(v) for r in records for v in r.values())
@@ -382,17 +390,17 @@ def test_rollout_subtracts_the_missing_eos_penalty_from_responses_without_eos(ll
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, tmp_path, monkeypatch):
     steps = record_optimizer_steps(monkeypatch)
-    extra = ["--autotune", "--alpha", "0.1"] if script == "sac_rlhf.py" else []
+    extra = ["--autotune", "--alpha", "0.1", "--q-learning-rate", "3e-3"] if script == "sac_rlhf.py" else []
     code, _, stderr = run_main(script, *llama.args(), *TINY, "--total-episodes", "64", "--learning-rate", "1e-3",
                                "--output-dir", str(tmp_path / "run"), *extra, cwd=tmp_path)
     assert code == 0, stderr[-3000:]
     optimizers = list(dict.fromkeys(s["optimizer"] for s in steps))  # policy first; SAC: then critic, alpha
     rates = [[s["lr"] for s in steps if s["optimizer"] is opt] for opt in optimizers]
     factors = [1, 0.75, 0.5, 0.25]  # update u of 4 runs at (1 - (u - 1) / 4) of the initial rate
-    per_update = len(rates[0]) // 4
+    per_update = {"ppo_rlhf.py": 16, "rloo_rlhf.py": 1, "sac_rlhf.py": 4}[script]  # PPO: 4 epochs x 4 minibatches
     assert rates[0] == pytest.approx([1e-3 * f for f in factors for _ in range(per_update)])
-    if script == "sac_rlhf.py":  # the critic's and alpha's rates decay alongside (--q-learning-rate 1e-3)
-        assert len(optimizers) == 3 and rates[1] == rates[2] == pytest.approx(rates[0])
+    if script == "sac_rlhf.py":  # the critic's and alpha's rates decay alongside, from --q-learning-rate
+        assert len(optimizers) == 3 and rates[1] == rates[2] == pytest.approx([3 * x for x in rates[0]])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -409,3 +417,52 @@ def test_reference_reset_copies_the_policy(script, llama, tmp_path):
     evals, train = [r for r in synced if "eval/kl" in r], [r for r in synced if "objective/kl" in r]
     assert evals[1]["episode"] == 16 and evals[1]["eval/kl"] == 0.0 and train[1]["objective/kl"] == 0.0
     assert [r for r in frozen if "eval/kl" in r][1]["eval/kl"] != 0.0
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gradients_are_clipped_to_max_grad_norm(script, llama, tmp_path, monkeypatch):
+    steps = record_optimizer_steps(monkeypatch)
+    code, _, stderr = run_main(script, *llama.args(), *TINY, "--max-grad-norm", "1e-4", "--output-dir", str(tmp_path / "run"),
+                               cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    norms = [torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in s["grads"]])).item() for s in steps]
+    assert len(norms) >= 2 and max(norms) <= 1e-4 * (1 + 1e-4)  # each optimizer's own global norm (SAC: actor, critic)
+
+
+def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(llama, tmp_path):
+    out = tmp_path / "run"
+    code, _, stderr = run_main("rloo_rlhf.py", *llama.args(), *TINY, "--batch-size", "4", "--total-episodes", "8",
+                               "--eval-size", "6", "--output-dir", str(out), cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    samples, evals = read_jsonl(out / "samples.jsonl"), [r for r in read_jsonl(out / "metrics.jsonl") if "eval/scores" in r]
+    for r in evals:  # batches of 4 and 2 prompts: each prompt counts once
+        scores = [s["score"] for s in samples if s["episode"] == r["episode"]]
+        assert len(scores) == 6 and r["eval/scores"] == pytest.approx(sum(scores) / 6)
+
+
+def test_prompt_stream_reshuffles_every_pass_and_truncates_from_the_left(llama):
+    import random
+
+    import ppo_rlhf as ppo
+    from transformers import AutoTokenizer
+
+    random.seed(0)
+    order = []
+    first, second = ppo.next_prompt_indices(order, 20, 8), ppo.next_prompt_indices(order, 4, 8)
+    stream = first + second  # three passes over 8 prompts, each a permutation
+    assert all(sorted(stream[i : i + 8]) == list(range(8)) for i in (0, 8, 16)) and order == []
+    tok = AutoTokenizer.from_pretrained(llama.policy)
+    ids = tok("the red cat sees a dog")["input_ids"]
+    assert ppo.tokenize_prompts(tok, ["the red cat sees a dog", "a dog"], 3, "--dataset") == [ids[-3:], tok("a dog")["input_ids"]]
+
+
+def test_rollout_stats_sum_the_log_ratio_over_real_tokens():
+    import ppo_rlhf as ppo
+
+    r = dict(logprobs=torch.tensor([[-1.0, -2, 0], [-0.5, -0.5, -0.5]]), ref_logprobs=torch.tensor([[-2.0, -1, 0], [-1.0, -1, -2]]),
+             mask=torch.tensor([[1.0, 1, 0], [1, 1, 1]]), entropy=torch.tensor([[1.0, 3, 9], [2, 2, 2]]),
+             scores=torch.tensor([1.0, 2.0]), has_eos=torch.tensor([True, False]))
+    stats = ppo.rollout_stats(r)
+    assert stats["kl"] == pytest.approx((0.0 + 2.5) / 2) and stats["scores"] == pytest.approx(1.5)
+    assert stats["entropy"] == pytest.approx((1 + 3 + 2 + 2 + 2) / 5) and stats["response_length"] == pytest.approx(2.5)
+    assert stats["eos_rate"] == pytest.approx(0.5)

@@ -108,8 +108,7 @@ def expected_code_gradient(estimator, kl_in):
         rewards = ppo.token_rewards(torch.zeros(1), lp.detach(), rlp, mask, BETA if kl_in == "reward" else 0.0, estimator)
         advantages, _ = ppo.compute_gae(rewards, torch.zeros(1, 2), mask, 1.0, 1.0)
         loss, *_ = ppo.ppo_policy_loss(lp, lp.detach(), advantages, mask, 0.2)
-        if kl_in == "loss":
-            loss = loss + BETA * ppo.masked_mean(ppo.kl_penalty(lp, rlp, estimator), mask)
+        loss = loss + ppo.token_kl_loss(lp, rlp, mask, BETA if kl_in == "loss" else 0.0, estimator)  # as the loop adds it
         total = total + weights[i] * loss
     grads = torch.autograd.grad(total, [first, second])
     return [2 * g for g in grads]  # the losses average over the 2 tokens of a response: undo that
@@ -170,8 +169,12 @@ def test_policy_clip_stops_the_gradient_only_where_the_ratio_left_the_range_in_t
     torch.testing.assert_close(grad, torch.tensor([[0.0, 1.5 / 4, -0.5 / 4, 0.0]]))
     assert clipfrac.item() == 1.0 and ratio_mean.item() == pytest.approx(1.0)
     assert approxkl.item() == pytest.approx(0.5 * (2 * math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2) / 4)
-    masked = ppo.ppo_policy_loss(new, old, advantages, torch.tensor([[1.0, 1.0, 0.0, 0.0]]), 0.2)[0]
-    assert masked.item() == pytest.approx((-1.2 + 1.5) / 2)  # the mean over real tokens only
+    masked, approxkl, clipfrac, ratio_mean = ppo.ppo_policy_loss(new, old, advantages, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 0.2)
+    assert masked.item() == pytest.approx((-1.2 + 1.5 - 0.5) / 3)  # means over real tokens only
+    assert ratio_mean.item() == pytest.approx(3.5 / 3) and clipfrac.item() == 1.0
+    _, _, clipfrac, ratio_mean = ppo.ppo_policy_loss(torch.log(torch.tensor([[1.1, 0.5]])), torch.zeros(1, 2),
+                                                      torch.ones(1, 2), torch.ones(1, 2), 0.2)
+    assert clipfrac.item() == 0.5 and ratio_mean.item() == pytest.approx(0.8)
 
 
 def test_value_clip_takes_the_worse_of_the_plain_and_the_clipped_error():
@@ -244,3 +247,37 @@ def test_token_rewards_put_the_score_on_the_last_real_token_of_each_response():
     torch.testing.assert_close(rewards, want)
     # The return from the first token is score - kl_coef * the sequence's summed log-ratio.
     torch.testing.assert_close(rewards.sum(1), torch.tensor([2.0 - 0.1 * -0.5, -1.0 - 0.1 * 0.5, 0.5 - 0.1 * 1.0]))
+
+
+def test_values_are_read_at_the_state_before_each_token(llama_world):
+    """V(s_t) is the value head at the last token of prompt + y_<t (the token before y_t), like a prefix score."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llama_world.policy)
+    rm = AutoModelForSequenceClassification.from_pretrained(llama_world.reward, dtype=torch.float32).eval()
+    query, query_mask = ppo.left_pad([tok("the red cat")["input_ids"], tok("a dog")["input_ids"]], tok.pad_token_id, "cpu")
+    responses, resp_mask = torch.tensor([[7, 8, 9], [11, 12, 13]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with torch.no_grad():
+        values = ppo.get_values(rm, query, query_mask, responses, resp_mask, NO_AUTOCAST)
+        for t in range(3):
+            prefix = ppo.get_scores(rm, query, query_mask, responses[:, :t], resp_mask[:, :t], NO_AUTOCAST) if t else \
+                ppo.get_scores(rm, query[:, :-1], query_mask[:, :-1], query[:, -1:], query_mask[:, -1:], NO_AUTOCAST)
+            for b in range(2):
+                if resp_mask[b, t]:
+                    assert values[b, t].item() == pytest.approx(prefix[b].item(), abs=1e-5)
+
+
+def test_value_loss_weight_scales_only_the_value_models_gradient(llama_world, tmp_path, monkeypatch):
+    grads = {}
+    for vf_coef in ["0.1", "0.2"]:
+        steps = record_optimizer_steps(monkeypatch)
+        code, _, stderr = run_main("ppo_rlhf.py", *llama_world.args(), *TINY, "--total-episodes", "16", "--vf-coef", vf_coef,
+                                   "--max-grad-norm", "None", "--output-dir", str(tmp_path / vf_coef), cwd=tmp_path)
+        assert code == 0, stderr[-3000:]
+        grads[vf_coef] = steps[0]["grads"]
+    from transformers import AutoModelForCausalLM
+
+    n_policy = len(list(AutoModelForCausalLM.from_pretrained(llama_world.policy).parameters()))  # params = policy + value
+    for i, (a, b) in enumerate(zip(grads["0.1"], grads["0.2"])):
+        torch.testing.assert_close(b, a if i < n_policy else 2 * a, atol=1e-7, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in grads["0.1"][n_policy:])

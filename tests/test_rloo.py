@@ -47,8 +47,8 @@ def expected_rloo_gradient(k, estimator, kl_in, scores):
     draw_weight = probs[draws].view(-1, k).prod(1).repeat_interleave(k) * (len(draws) // k)
     seq_logp = lp.sum(1)
     loss, *_ = rloo.rloo_policy_loss(seq_logp, seq_logp.detach(), advantages * draw_weight, 0.2)
-    if kl_in == "loss":
-        loss = loss + BETA * (draw_weight * rloo.kl_penalty(lp, rlp, estimator).sum(1)).mean()
+    # The loop adds sequence_kl_loss; each draw's term is weighted by its probability like the advantages.
+    loss = loss + rloo.sequence_kl_loss(lp, rlp, draw_weight[:, None].expand_as(lp), BETA if kl_in == "loss" else 0.0, estimator)
     return torch.autograd.grad(loss, [first, second])
 
 
@@ -110,6 +110,7 @@ def test_tinyworld_run_with_clipping_and_options(tinyworld, tmp_path):
     train = [r for r in records if "objective/scores" in r]
     assert all({"rloo/clipfrac", "rloo/approxkl", "rloo/ratio_mean"} <= set(r) for r in train)
     assert train[-1]["rloo/approxkl"] > 0  # the second epoch saw a changed policy
+    assert all(r["rloo/advantage_std"] == pytest.approx(1.0, abs=1e-4) for r in train)  # --normalize-advantage
 
 
 def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tinyworld, tmp_path, monkeypatch):
