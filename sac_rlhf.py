@@ -695,6 +695,28 @@ def sac_policy_loss(logp, ref_logp, q_min, alpha, beta, mask):
 
 
 @torch.no_grad()
+def critic_targets(q_target_all, logp, ref_logp, scores, mask, alpha, beta, gamma, n):
+    """The critic's n-step soft targets from the target critic's Q_j(s, .) [batch, time, 2, vocab].
+
+    The soft value of every state under the current policy uses the pessimistic min_j Qbar_j (Fujimoto et al.
+    2018); the reward is the score at the last real token of each response and 0 before it.
+    """
+    values = soft_value(logp, ref_logp, q_target_all.min(2).values, alpha, beta)
+    bonuses = soft_bonus(logp, ref_logp, alpha, beta)
+    rewards = torch.zeros_like(mask)
+    rewards[torch.arange(len(mask)), mask.sum(1).long() - 1] = scores
+    return n_step_targets(rewards, bonuses, values, mask, gamma, n)
+
+
+def critic_loss(q_all, responses, targets, mask):
+    """Both heads' squared errors on the taken tokens, summed, averaged over states (Haarnoja et al. 2018, eq. 5).
+
+    Returns (loss, Q_j of the taken tokens [batch, time, 2])."""
+    q_taken = q_all.gather(-1, responses[:, :, None, None].expand(-1, -1, 2, 1)).squeeze(-1)
+    return masked_mean(((q_taken - targets.unsqueeze(-1)) ** 2).sum(-1), mask), q_taken
+
+
+@torch.no_grad()
 def polyak_update(target, source, tau):
     """target <- tau * source + (1 - tau) * target (Haarnoja et al. 2018)."""
     for target_param, param in zip(target.parameters(), source.parameters()):
@@ -784,16 +806,10 @@ if __name__ == "__main__":
                 q_all = critic(mb_query, mb_query_mask, mb_responses, mb_resp_mask, autocast)
                 with torch.no_grad():
                     ref_logp = forward_all_logprobs(ref_policy, mb_query, mb_query_mask, mb_responses, mb_resp_mask, args.temperature, autocast)
-                    q_next = critic_target(mb_query, mb_query_mask, mb_responses, mb_resp_mask, autocast).min(2).values
-                    # Soft values of every state under the current policy, and the critic targets from them.
-                    values = soft_value(logp.detach(), ref_logp, q_next, alpha, kl_coef)
-                    bonuses = soft_bonus(logp.detach(), ref_logp, alpha, kl_coef)
-                    rewards = torch.zeros_like(mb_mask)
-                    rewards[torch.arange(len(mb_mask)), mb_mask.sum(1).long() - 1] = mb_scores  # the score at the last real token
-                    targets = n_step_targets(rewards, bonuses, values, mb_mask, args.gamma, args.n_step)
-                # Critic: MSE of both heads on the taken tokens (Haarnoja et al. 2018, eq. 5).
-                q_taken = q_all.gather(-1, mb_responses[:, :, None, None].expand(-1, -1, 2, 1)).squeeze(-1)
-                q_loss = masked_mean(((q_taken - targets.unsqueeze(-1)) ** 2).sum(-1), mb_mask)  # the two heads' MSEs, summed
+                    q_target_all = critic_target(mb_query, mb_query_mask, mb_responses, mb_resp_mask, autocast)
+                    targets = critic_targets(q_target_all, logp.detach(), ref_logp, mb_scores, mb_mask, alpha, kl_coef,
+                                             args.gamma, args.n_step)
+                q_loss, q_taken = critic_loss(q_all, mb_responses, targets, mb_mask)
                 # Actor: the exact expectation over the vocabulary against the (fixed) pessimistic Q.
                 policy_loss = sac_policy_loss(logp, ref_logp, q_all.detach().min(2).values, alpha, kl_coef, mb_mask)
                 # Alpha: raise it when the entropy falls below the target, lower it otherwise (Christodoulou 2019,

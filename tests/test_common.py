@@ -466,3 +466,16 @@ def test_rollout_stats_sum_the_log_ratio_over_real_tokens():
     assert stats["kl"] == pytest.approx((0.0 + 2.5) / 2) and stats["scores"] == pytest.approx(1.5)
     assert stats["entropy"] == pytest.approx((1 + 3 + 2 + 2 + 2) / 5) and stats["response_length"] == pytest.approx(2.5)
     assert stats["eos_rate"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("module", ["ppo_rlhf", "rloo_rlhf"])
+def test_kl_estimators_have_schulmans_values(module):
+    """k1 = log r, k2 = (log r)^2 / 2, k3 = (r' - 1) - log r' with r' = pi_ref / pi (Schulman 2020), on numbers."""
+    import importlib
+
+    kl_penalty = importlib.import_module(module).kl_penalty
+    logprobs, ref_logprobs = torch.log(torch.tensor([0.5, 0.2, 0.3])), torch.log(torch.tensor([0.25, 0.4, 0.3]))
+    torch.testing.assert_close(kl_penalty(logprobs, ref_logprobs, "k1"), torch.log(torch.tensor([2.0, 0.5, 1.0])))
+    torch.testing.assert_close(kl_penalty(logprobs, ref_logprobs, "k2"), 0.5 * torch.log(torch.tensor([2.0, 0.5, 1.0])) ** 2)
+    torch.testing.assert_close(kl_penalty(logprobs, ref_logprobs, "k3"),
+                               torch.tensor([0.5 - 1 - math.log(0.5), 2.0 - 1 - math.log(2.0), 0.0]))

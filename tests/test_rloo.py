@@ -1,6 +1,7 @@
 """rloo_rlhf.py: the leave-one-out baseline, the exact expected gradient, and convergence to pi*."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -81,15 +82,17 @@ def test_clipping_acts_only_from_the_second_epoch():
     seq_old = torch.tensor([-3.0, -2.0, -1.0])
     advantages = torch.tensor([1.0, -1.0, 2.0])
     seq_new = seq_old.clone().requires_grad_()
-    loss, reported, _, clipfrac, ratio_mean = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
-    assert clipfrac == 0 and ratio_mean == 1
+    loss, reported, approxkl, clipfrac, ratio_mean = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
+    assert clipfrac == 0 and ratio_mean == 1 and approxkl == 0
     assert loss.item() == pytest.approx(-advantages.mean().item())  # the ratio loss's value: not what is reported
     assert reported.item() == pytest.approx(-(advantages * seq_old).mean().item())  # the REINFORCE loss
     torch.testing.assert_close(torch.autograd.grad(loss, seq_new)[0], -advantages / 3)  # plain REINFORCE
     seq_new = (seq_old + torch.tensor([0.5, -0.5, 0.0])).requires_grad_()  # ratios e^0.5, e^-0.5, 1
-    loss, _, _, clipfrac, _ = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
+    loss, _, approxkl, clipfrac, ratio_mean = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
     grad = torch.autograd.grad(loss, seq_new)[0]
-    assert clipfrac == pytest.approx(2 / 3) and grad[0] == 0 and grad[1] == 0 and grad[2] != 0
+    # Both moved responses left the range in their advantage's direction: clipped, no gradient; the third is not.
+    assert clipfrac == pytest.approx(2 / 3) and grad[0] == 0 and grad[1] == 0 and grad[2] == pytest.approx(-2 / 3)
+    assert approxkl == pytest.approx(0.5 * (0.25 + 0.25) / 3) and ratio_mean == pytest.approx((math.exp(0.5) + math.exp(-0.5) + 1) / 3)
 
 
 def test_converges_to_the_kl_regularised_optimum(tmp_path):

@@ -73,15 +73,13 @@ def test_n_step_targets_match_a_plain_loop_with_episode_ends(n):
 
 
 def test_one_step_critic_target_is_r_plus_gamma_not_done_times_the_soft_value():
-    """The n = 1 target from the script's pieces, against the textbook formula written out over the vocabulary."""
+    """critic_targets with n = 1, against the textbook formula written out over the vocabulary."""
     B, T, V, alpha, beta, gamma = 2, 3, 5, 0.1, 0.2, 0.95
     logp, ref_logp = random_distributions((B, T, V), 3), random_distributions((B, T, V), 4)
     q_target = torch.randn(B, T, 2, V, generator=torch.Generator().manual_seed(5))
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
     rewards = torch.tensor([[0.0, 0, 1.5], [0, -2.0, 0]])  # the score at the last real token
-    values = sac.soft_value(logp, ref_logp, q_target.min(2).values, alpha, beta)
-    bonuses = sac.soft_bonus(logp, ref_logp, alpha, beta)
-    got = sac.n_step_targets(rewards, bonuses, values, mask, gamma, 1)
+    got = sac.critic_targets(q_target, logp, ref_logp, torch.tensor([1.5, -2.0]), mask, alpha, beta, gamma, 1)
     for b in range(B):
         L = int(mask[b].sum())
         for t in range(L):
@@ -233,3 +231,15 @@ def test_fp16_alpha_steps_through_the_gradient_scaler(worlds, tmp_path, monkeypa
     logged = [r["loss/alpha"] for r in read_jsonl(out / "metrics.jsonl") if "loss/alpha" in r]
     assert len(alpha_grads) == len(logged) == 2
     assert alpha_grads == pytest.approx(logged, rel=1e-3, abs=1e-6)
+
+
+def test_critic_loss_sums_both_heads_squared_errors_on_the_taken_tokens():
+    q_all = torch.zeros(1, 2, 2, 3)
+    q_all[0, 0, :, 1] = torch.tensor([1.0, 2.0])  # token 1 taken at t = 0
+    q_all[0, 1, :, 2] = torch.tensor([0.5, -1.0])  # token 2 taken at t = 1
+    q_all[0, 1, :, 0] = 9.0  # not taken: must not count
+    responses, targets = torch.tensor([[1, 2]]), torch.tensor([[1.5, 0.0]])
+    loss, q_taken = sac.critic_loss(q_all, responses, targets, torch.ones(1, 2))
+    assert q_taken.tolist() == [[[1.0, 2.0], [0.5, -1.0]]]
+    assert loss.item() == pytest.approx(((0.25 + 0.25) + (0.25 + 1.0)) / 2)
+    assert sac.critic_loss(q_all, responses, targets, torch.tensor([[1.0, 0.0]]))[0].item() == pytest.approx(0.5)
