@@ -1,12 +1,15 @@
 """Exact enumeration on a problem small enough to list every response.
 
-One prompt, a vocabulary of 6 tokens (<pad>, <bos>, <eos>, <unk>, "a", "b") and responses of exactly two
-tokens (`--no-stop-at-eos`): 36 responses, so pi(y), the reward r(y) and the KL-regularised optimum
+One prompt, a vocabulary of 6 tokens (<pad>, <bos>, <eos>, <unk>, "a", "b") and responses of at most two
+tokens with the scripts' EOS handling on (`--stop-at-eos`, a missing-EOS penalty): 31 variable-length responses,
+(EOS) alone or (y1, y2) with y1 != EOS, penalised unless y2 is EOS. So pi(y), the reward r(y) and the
+KL-regularised optimum
 
     pi*(y) = pi_ref(y) exp(r(y) / beta) / Z
 
-are computed exactly, with no sampling. Every token id can be sampled (specials included), so every
-enumeration runs over the model's whole output vocabulary.
+are computed exactly, with no sampling (`train_and_measure_eos` and the eos_* functions). Every token id can be
+sampled (specials included), so every enumeration runs over the model's whole output vocabulary. A tabular
+two-token policy (below) gives the exact expected gradients of the losses.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ PROMPT = "a b a"
 RESPONSE_LENGTH = 2
 
 
-def build_enum_world(root: Path, policy_logit_scale: float = 3.0, score_std: float = 1.0) -> World:
-    """A tiny Llama policy with a peaked (non-uniform) pi_ref and a reward model with well spread scores."""
+def build_enum_world(root: Path, policy_logit_scale: float = 3.0, score_std: float = 1.0, policy_seed: int = 0) -> World:
+    """A tiny Llama policy with a peaked (non-uniform) pi_ref and a reward model with well spread scores.
+
+    `policy_seed` seeds the policy's random weights (the reward model is always the same); the default 0 is the
+    world of the fixed-length tests, EOS_POLICY_SEED that of the EOS-aware ones.
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     root = Path(root)
@@ -32,7 +39,7 @@ def build_enum_world(root: Path, policy_logit_scale: float = 3.0, score_std: flo
     config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
+    torch.manual_seed(policy_seed)
     policy = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # the default init gives nearly uniform next-token distributions; make pi_ref peaked
         policy.lm_head.weight.normal_(0.0, policy_logit_scale / config.hidden_size**0.5)
@@ -57,27 +64,6 @@ def load_with_all_inputs(auto_class, path: str):
     prompt = torch.tensor(AutoTokenizer.from_pretrained(path)(PROMPT)["input_ids"])
     ys = all_responses(model.config.vocab_size)
     return model, torch.cat([prompt.expand(len(ys), -1), ys], dim=1), len(prompt), ys
-
-
-@torch.no_grad()
-def response_logprobs(policy_path: str) -> torch.Tensor:
-    """log pi(y | PROMPT) for every two-token response y, from the saved policy, exactly."""
-    from transformers import AutoModelForCausalLM
-
-    model, ids, prompt_length, ys = load_with_all_inputs(AutoModelForCausalLM, policy_path)
-    logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
-    per_token = logp[:, prompt_length - 1 : -1].gather(-1, ys.unsqueeze(-1)).squeeze(-1)
-    return per_token.sum(1)
-
-
-@torch.no_grad()
-def response_scores(reward_path: str) -> torch.Tensor:
-    """r(y): the reward model's score of PROMPT + y for every two-token response y."""
-    from transformers import AutoModelForSequenceClassification
-
-    model, ids, _, _ = load_with_all_inputs(AutoModelForSequenceClassification, reward_path)
-    hidden = model.model(input_ids=ids).last_hidden_state[:, -1]  # score read at the last token
-    return model.score(hidden).squeeze(-1).float()
 
 
 def optimum_logprobs(ref_logprobs: torch.Tensor, scores: torch.Tensor, beta: float) -> torch.Tensor:
@@ -147,21 +133,115 @@ def named_gradient(estimator, kl_in, beta):
 BETA_STAR = 0.1  # kl_coef of the convergence runs: pi* is then KL 2.6 away from pi_ref
 
 
-def train_and_measure(script: str, root: Path, *flags: str) -> tuple[float, float]:
-    """Run `script` on the enumerable world; return (KL(pi_ref || pi*), KL(pi_trained || pi*)), exactly.
+# ---------------------------------------------------------------------------------------------
+# End-of-sequence handling on: variable-length responses
+# ---------------------------------------------------------------------------------------------
+# With --stop-at-eos (the scripts' default) and --response-length 2 a response is either (EOS) alone, of
+# length 1 (the token sampled after the EOS is masked away), or (y1, y2) with y1 != EOS, of length 2; a
+# length-2 response whose y2 is not EOS has no EOS, and --missing-eos-penalty lowers its score. These
+# 1 + (V - 1) * V = 31 responses have probabilities that sum to 1 under any policy:
+#     pi(EOS) + sum_{y1 != EOS} pi(y1) sum_{y2} pi(y2 | y1) = pi(EOS) + (1 - pi(EOS)) = 1.
+EOS_POLICY_SEED = 16
+"""`policy_seed` of the EOS-aware world. Its pi_ref gives 9% of its responses an EOS and 4% are (EOS) alone, so
+runs sample every kind of response from the start; the policy of seed 0 gives (EOS) alone 0.04%, and the tests then
+could not tell whether the scripts handle it right."""
+EOS_PENALTY = 1.0
+"""--missing-eos-penalty of the EOS-aware runs (10 beta). It moves pi* a long way: with it pi* ends 85% of its
+responses with an EOS (46% are (EOS) alone), without it 0.03%; KL(pi* without it || pi*) = 1.9. Start: KL(pi_ref ||
+pi*) = 2.6, as for the fixed-length problem."""
 
-    Flags common to every script fix the problem (one prompt, two-token responses, temperature 1, no EOS
-    handling, kl_coef BETA_STAR); `flags` add the algorithm's own budget and step sizes.
+
+def build_eos_world(root: Path) -> World:
+    """The world of the EOS-aware runs: `build_enum_world` with the policy of EOS_POLICY_SEED, the same reward model."""
+    return build_enum_world(root, policy_seed=EOS_POLICY_SEED)
+
+
+def eos_responses(vocab_size: int, eos_id: int) -> list[tuple[int, ...]]:
+    """Every response that --stop-at-eos --response-length 2 can give: (EOS,) first, then every (y1, y2) with
+    y1 != EOS in the order of `all_responses`. The order of every tensor of the EOS-aware functions below."""
+    return [(eos_id,)] + [tuple(y) for y in all_responses(vocab_size).tolist() if y[0] != eos_id]
+
+
+def _eos_rows(ids: torch.Tensor, prompt_length: int, eos_id: int):
+    """Where each response of `eos_responses` is in the batch of PROMPT + every two-token response.
+
+    Returns (rows, length, has_eos): the row of each response (for (EOS,), the first row whose y1 is EOS, of
+    which only the first response token is read), its real length (1 or 2), and whether it holds an EOS.
+    """
+    ys = ids[:, prompt_length:]
+    first_eos = int((ys[:, 0] == eos_id).nonzero()[0])
+    rows = torch.tensor([first_eos] + (ys[:, 0] != eos_id).nonzero().flatten().tolist())
+    length = torch.where(ys[rows, 0] == eos_id, 1, 2)
+    has_eos = (ys[rows, 0] == eos_id) | (ys[rows, 1] == eos_id)
+    return rows, length, has_eos
+
+
+def _eos_id(path: str) -> int:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path).eos_token_id
+
+
+@torch.no_grad()
+def eos_response_logprobs(policy_path: str) -> torch.Tensor:
+    """log pi(y | PROMPT) for every response of `eos_responses`, in that order, from the saved policy, exactly.
+
+    (EOS,): log pi(EOS | PROMPT); (y1, y2): log pi(y1 | PROMPT) + log pi(y2 | PROMPT, y1). Checks that the
+    probabilities sum to 1.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model, ids, prompt_length, ys = load_with_all_inputs(AutoModelForCausalLM, policy_path)
+    logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+    per_token = logp[:, prompt_length - 1 : -1].gather(-1, ys.unsqueeze(-1)).squeeze(-1)  # [V * V, 2]
+    rows, length, _ = _eos_rows(ids, prompt_length, _eos_id(policy_path))
+    out = per_token[rows, 0] + torch.where(length == 2, per_token[rows, 1], 0.0)
+    assert abs(float(torch.logsumexp(out, 0))) < 1e-4, "the responses of eos_responses must hold all the probability"
+    return out
+
+
+@torch.no_grad()
+def eos_response_scores(reward_path: str, missing_eos_penalty: float = EOS_PENALTY) -> torch.Tensor:
+    """r(y) = score(PROMPT + y) - missing_eos_penalty * [y has no EOS], for every response of `eos_responses`.
+
+    As `get_scores` in the scripts, the reward model reads PROMPT + the real response tokens and its score head
+    is applied to the backbone's last hidden state at the last real token: the EOS of (EOS,), y2 of (y1, y2).
+    Causal attention makes the hidden state at the EOS of PROMPT + (EOS, y2) that of PROMPT + (EOS,), so one
+    batch of two-token responses serves both lengths.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    model, ids, prompt_length, _ = load_with_all_inputs(AutoModelForSequenceClassification, reward_path)
+    hidden = getattr(model, model.base_model_prefix)(input_ids=ids).last_hidden_state
+    rows, length, has_eos = _eos_rows(ids, prompt_length, _eos_id(reward_path))
+    last = prompt_length + length - 1  # the last real token of each response
+    scores = model.score(hidden[rows, last]).squeeze(-1).float()
+    return scores - missing_eos_penalty * (~has_eos).float()
+
+
+def eos_optimum_logprobs(world: World, missing_eos_penalty: float = EOS_PENALTY, beta: float = BETA_STAR):
+    """(log pi_ref, log pi*) over `eos_responses`, pi* proportional to pi_ref(y) exp(r(y) / beta) with the r of
+    `eos_response_scores`."""
+    ref = eos_response_logprobs(world.policy)
+    return ref, optimum_logprobs(ref, eos_response_scores(world.reward, missing_eos_penalty), beta)
+
+
+def train_and_measure_eos(script: str, root: Path, *flags: str) -> tuple[float, float]:
+    """`train_and_measure` with EOS handling on: return (KL(pi_ref || pi*), KL(pi_trained || pi*)), exactly.
+
+    Runs `script` on `build_eos_world`; flags common to every script fix the problem: one prompt, --stop-at-eos,
+    --response-length 2 (the responses of `eos_responses`), --missing-eos-penalty EOS_PENALTY, temperature 1,
+    kl_coef BETA_STAR. `flags` add the algorithm's own budget and step sizes (a flag given twice: the last wins).
+    Both KLs are over the responses of `eos_responses`, against pi* of `eos_optimum_logprobs`.
     """
     from tests.helpers import run_script
 
-    world = build_enum_world(root / "world")
+    world = build_eos_world(root / "world")
     out = root / "run"
-    result = run_script(script, *world.args(), "--no-stop-at-eos", "--missing-eos-penalty", "None",
+    result = run_script(script, *world.args(), "--stop-at-eos", "--missing-eos-penalty", str(EOS_PENALTY),
                         "--temperature", "1.0", "--response-length", "2", "--kl-coef", str(BETA_STAR),
                         "--batch-size", "64", "--eval-every", "100000", "--eval-size", "1",
                         "--output-dir", str(out), *flags, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
-    ref = response_logprobs(world.policy)
-    optimum = optimum_logprobs(ref, response_scores(world.reward), BETA_STAR)
-    return kl(ref, optimum), kl(response_logprobs(str(out / "model")), optimum)
+    ref, optimum = eos_optimum_logprobs(world)
+    return kl(ref, optimum), kl(eos_response_logprobs(str(out / "model")), optimum)

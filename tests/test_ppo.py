@@ -134,13 +134,6 @@ def test_only_k1_in_the_reward_gives_the_sequence_kl_gradient():
 # ---------------------------------------------------------------------------------------------
 # The script end to end
 # ---------------------------------------------------------------------------------------------
-def test_converges_to_the_kl_regularised_optimum(tmp_path):
-    start, end = en.train_and_measure("ppo_rlhf.py", tmp_path, "--total-episodes", "19200", "--learning-rate", "3e-4")
-    assert start > 1.0  # the optimum is far from where training starts
-    # Measured over seeds 1-3: 0.013-0.016; 16 optimizer steps per rollout at lr >= 1e-3 can collapse this tiny policy.
-    assert end < 0.05, f"KL(pi || pi*) = {end:.4f} (started at {start:.4f})"
-
-
 def test_tinyworld_run_with_gold_rm_and_options(tinyworld, tmp_path):
     """The default world, with the gold RM, KL in the loss, an adaptive kl_coef and reference resets."""
     out = tmp_path / "run"
