@@ -502,3 +502,36 @@ def test_kl_in_the_loss_pulls_the_policy_towards_the_reference(script, llama, tm
         assert code == 0, stderr[-3000:]
         kls[kl_coef] = [r["eval/kl"] for r in read_jsonl(out / "metrics.jsonl") if "eval/kl" in r][-1]
     assert kls["3"] < 0.5 * kls["0"], kls
+
+
+ACCUMULATION_FLAGS = {"ppo_rlhf.py": ["--num-minibatches", "2", "--num-ppo-epochs", "1"],  # minibatches of 8, micro 2
+                      "rloo_rlhf.py": ["--kl-in", "loss", "--kl-estimator", "k2"]}  # the KL term accumulated too
+
+
+@pytest.mark.parametrize("script", list(ACCUMULATION_FLAGS))
+def test_gradient_accumulation_gives_the_gradient_of_one_big_minibatch(script, tinyworld, tmp_path, monkeypatch):
+    """The tinyworld's responses have unequal lengths: micro-batches must weigh every token (PPO) or every response
+    (RLOO) as one big minibatch would. The first optimizer step sees the same rollout and policy in every run."""
+    grads = {}
+    for steps in [1, 4]:
+        recorded = record_optimizer_steps(monkeypatch)
+        out = tmp_path / f"run{steps}"
+        code, _, stderr = run_main(script, *tinyworld.args(), "--total-episodes", "16", "--batch-size", "16",
+                                   "--gradient-accumulation-steps", str(steps), "--eval-size", "4", "--eval-every", "100",
+                                   "--max-grad-norm", "None", "--no-save-model", "--output-dir", str(out),
+                                   *ACCUMULATION_FLAGS[script], cwd=tmp_path)
+        assert code == 0, stderr[-3000:]
+        grads[steps] = recorded[0]["grads"]
+        record = next(r for r in read_jsonl(out / "metrics.jsonl") if "objective/response_length" in r)
+        assert 1 < record["objective/response_length"] < 23  # responses end at their EOS, at different lengths
+    assert len(grads[1]) == len(grads[4]) > 0
+    for a, b in zip(grads[1], grads[4]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("script", ["ppo_rlhf.py", "rloo_rlhf.py"])
+def test_k3_in_the_loss_stays_finite_at_a_low_temperature(script, tinyworld, tmp_path):
+    """log pi at padding used to be unmasked: exp(-log r) overflowed to inf and the loss became NaN."""
+    code, _, stderr = run_main(script, *tinyworld.args(), *TINY, "--temperature", "0.1", "--kl-estimator", "k3",
+                               "--kl-in", "loss", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
