@@ -445,6 +445,7 @@ def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(llama, tm
                                "--eval-size", "6", "--output-dir", str(out), cwd=tmp_path)
     assert code == 0, stderr[-3000:]
     samples, evals = read_jsonl(out / "samples.jsonl"), [r for r in read_jsonl(out / "metrics.jsonl") if "eval/scores" in r]
+    assert [r["episode"] for r in evals] == [0, 8]  # before training and after the last update (--eval-every 2048)
     for r in evals:  # batches of 4 and 2 prompts: each prompt counts once
         scores = [s["score"] for s in samples if s["episode"] == r["episode"]]
         assert len(scores) == 6 and r["eval/scores"] == pytest.approx(sum(scores) / 6)

@@ -117,6 +117,7 @@ def test_logged_policy_loss_is_the_reinforce_loss_not_the_zero_ratio_loss(worlds
     train = [r for r in read_jsonl(out / "metrics.jsonl") if "loss/policy" in r]
     # The ratio loss is 0 up to rounding on a first pass (its advantages sum to 0 per prompt); this one is not.
     assert all(abs(r["loss/policy"]) > 1e-3 for r in train)
+    assert not any("rloo/clipfrac" in r for r in train)  # one pass: the ratio is 1, its statistics are not logged
 
 
 def test_sequence_rewards_subtract_the_kl_summed_over_real_tokens_only():
