@@ -80,6 +80,10 @@ def test_short_run_writes_the_run_folder_and_metric_keys(script, world, tmp_path
         assert set(EVAL_KEYS) <= set(r) and "eval/gold_scores" not in r  # these worlds have no gold RM
     samples = read_jsonl(out / "samples.jsonl")
     assert len(samples) == 3 * 8 and {"episode", "prompt", "response", "score", "gold_score"} <= set(samples[0])
+    from transformers import AutoTokenizer
+
+    special = AutoTokenizer.from_pretrained(world.policy).all_special_tokens  # the EOS a response ends with is not text
+    assert not any(t in s["prompt"] + s["response"] for s in samples for t in special)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoModelForCausalLM.from_pretrained(out / "model")
