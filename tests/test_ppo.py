@@ -171,15 +171,15 @@ def test_policy_clip_stops_the_gradient_only_where_the_ratio_left_the_range_in_t
 
 
 def test_value_clip_takes_the_worse_of_the_plain_and_the_clipped_error():
-    old, returns, mask = torch.zeros(1, 3), torch.tensor([[1.0, 1.0, -1.0]]), torch.ones(1, 3)
-    values = torch.tensor([[0.5, -0.5, 0.1]], requires_grad=True)
+    old, returns, mask = torch.tensor([[0.2, 0.0, -0.3]]), torch.tensor([[1.0, 1.0, -1.0]]), torch.ones(1, 3)
+    values = torch.tensor([[0.5, -0.5, -0.2]], requires_grad=True)  # moved by 0.3, -0.5, 0.1 from the rollout's
     loss, clipfrac = ppo.ppo_value_loss(values, old, returns, mask, 0.2)
-    # Clipped values 0.2, -0.2, 0.1; errors plain 0.25, 2.25, 1.21 and clipped 0.64, 1.44, 1.21; the larger of each.
-    assert loss.item() == pytest.approx(0.5 * (0.64 + 2.25 + 1.21) / 3)
+    # Clipped values 0.4, -0.2, -0.2; errors plain 0.25, 2.25, 0.64 and clipped 0.36, 1.44, 0.64; the larger of each.
+    assert loss.item() == pytest.approx(0.5 * (0.36 + 2.25 + 0.64) / 3)
     grad = torch.autograd.grad(loss, values)[0]
     # Token 0: the clipped error is larger and does not depend on the value (gradient 0); tokens 1 and 2: v - R.
-    torch.testing.assert_close(grad, torch.tensor([[0.0, -1.5 / 3, 1.1 / 3]]))
-    assert clipfrac.item() == pytest.approx(2 / 3)
+    torch.testing.assert_close(grad, torch.tensor([[0.0, -1.5 / 3, 0.8 / 3]]))
+    assert clipfrac.item() == pytest.approx(2 / 3)  # the first two moved more than 0.2
 
 
 # ---------------------------------------------------------------------------------------------
