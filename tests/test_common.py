@@ -443,13 +443,14 @@ def test_gradients_are_clipped_to_max_grad_norm(script, precision, llama, tmp_pa
     assert len(norms) >= 2 and all(0.5e-5 < n <= 1.0001e-5 for n in norms), norms  # SAC: actor and critic each
 
 
-def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(llama, tmp_path):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, llama, tmp_path):
     out = tmp_path / "run"
-    code, _, stderr = run_main("rloo_rlhf.py", *llama.args(), *TINY, "--batch-size", "4", "--total-episodes", "8",
-                               "--eval-size", "6", "--output-dir", str(out), cwd=tmp_path)
+    code, _, stderr = run_main(script, *llama.args(), *TINY, "--batch-size", "4", "--total-episodes", "16",
+                               "--eval-every", "8", "--eval-size", "6", "--output-dir", str(out), cwd=tmp_path)
     assert code == 0, stderr[-3000:]
     samples, evals = read_jsonl(out / "samples.jsonl"), [r for r in read_jsonl(out / "metrics.jsonl") if "eval/scores" in r]
-    assert [r["episode"] for r in evals] == [0, 8]  # before training and after the last update (--eval-every 2048)
+    assert [r["episode"] for r in evals] == [0, 8, 16]  # before training, every 8 episodes, after the last update
     for r in evals:  # batches of 4 and 2 prompts: each prompt counts once
         scores = [s["score"] for s in samples if s["episode"] == r["episode"]]
         assert len(scores) == 6 and r["eval/scores"] == pytest.approx(sum(scores) / 6)

@@ -205,23 +205,41 @@ def test_run_with_options_logs_placeholders_then_tunes_alpha(worlds, tmp_path):
     assert train[1]["sac/entropy_target"] > train[1]["sac/policy_entropy"]
 
 
-def test_fp16_alpha_steps_through_the_gradient_scaler(worlds, tmp_path, monkeypatch):
-    """alpha's gradient comes from the same scaled backward: its optimizer must see it unscaled (dL/dlog_alpha =
-    alpha (H - target) = the logged loss/alpha), through the scaler, which skips a step whose gradients are inf."""
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_alpha_gets_the_gradient_of_its_loss_through_the_gradient_scaler(precision, worlds, tmp_path, monkeypatch):
+    """alpha's loss is alpha (H - target), so d/dlog_alpha = alpha (H - target) at the alpha before the step. Under
+    fp16 its gradient comes from the same scaled backward: its optimizer must step through the scaler (which
+    unscales it and skips a step whose gradients are inf), and see it unscaled."""
     stepped = []
     scaler_step = torch.amp.GradScaler.step
     monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, opt, *a, **k: stepped.append(opt) or scaler_step(self, opt, *a, **k))
     steps = record_optimizer_steps(monkeypatch)
     out = tmp_path / "run"
-    code, _, stderr = run_main("sac_rlhf.py", *worlds["llama"].args(), *TINY, "--mixed-precision", "fp16", "--autotune",
-                               "--alpha", "0.1", "--updates-per-rollout", "1", "--output-dir", str(out), cwd=tmp_path)
+    code, _, stderr = run_main("sac_rlhf.py", *worlds["llama"].args(), *TINY, "--total-episodes", "48", "--mixed-precision",
+                               precision, "--autotune", "--alpha", "0.1", "--updates-per-rollout", "1", "--output-dir", str(out),
+                               cwd=tmp_path)
     assert code == 0, stderr[-3000:]
     alpha_optimizer = next(s["optimizer"] for s in steps if type(s["optimizer"]) is torch.optim.Adam)
     assert alpha_optimizer in stepped
     alpha_grads = [s["grads"][0].item() for s in steps if s["optimizer"] is alpha_optimizer]
-    logged = [r["loss/alpha"] for r in read_jsonl(out / "metrics.jsonl") if "loss/alpha" in r]
-    assert len(alpha_grads) == len(logged) == 2
-    assert alpha_grads == pytest.approx(logged, rel=1e-3, abs=1e-6)
+    train = [r for r in read_jsonl(out / "metrics.jsonl") if "sac/alpha" in r]
+    alpha_before = [0.1] + [r["sac/alpha"] for r in train[:-1]]
+    want = [a * (r["sac/policy_entropy"] - r["sac/entropy_target"]) for a, r in zip(alpha_before, train)]
+    assert len(alpha_grads) == 3 and alpha_grads == pytest.approx(want, rel=1e-3, abs=1e-7)
+
+
+def test_the_target_critic_follows_the_critic_at_rate_tau(worlds, tmp_path, monkeypatch):
+    """One-step targets read the target critic: its Polyak updates change the second critic step's gradient."""
+    grads = {}
+    for tau in ["1.0", "0.5"]:
+        steps = record_optimizer_steps(monkeypatch)
+        code, _, stderr = run_main("sac_rlhf.py", *worlds["llama"].args(), *TINY, "--n-step", "1", "--tau", tau,
+                                   "--updates-per-rollout", "2", "--output-dir", str(tmp_path / tau), cwd=tmp_path)
+        assert code == 0, stderr[-3000:]
+        critic_steps = [s for s in steps if s["optimizer"] is steps[1]["optimizer"]]  # policy, critic, policy, ...
+        grads[tau] = critic_steps[1]["grads"]
+    # The first critic steps are alike (target = critic at the start); after one Polyak update they differ.
+    assert any(not torch.allclose(a, b) for a, b in zip(grads["1.0"], grads["0.5"]))
 
 
 def test_critic_loss_sums_both_heads_squared_errors_on_the_taken_tokens():
