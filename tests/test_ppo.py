@@ -250,3 +250,29 @@ def test_value_loss_weight_scales_only_the_value_models_gradient(llama_world, tm
     for i, (a, b) in enumerate(zip(grads["0.1"], grads["0.2"])):
         torch.testing.assert_close(b, a if i < n_policy else 2 * a, atol=1e-7, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in grads["0.1"][n_policy:])
+
+
+def test_advantages_are_whitened_so_the_reward_scale_does_not_change_the_policy_step(llama_world, tmp_path, monkeypatch):
+    """N details #7: with the rewards (and so the values and advantages) ten times larger, the whitened advantages,
+    and the first policy gradient with them, are the same."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    scaled = tmp_path / "scaled_rm"
+    rm = AutoModelForSequenceClassification.from_pretrained(llama_world.reward)
+    with torch.no_grad():
+        rm.score.weight.mul_(10.0)  # score = w . h: ten times the score, and ten times the initial values
+    rm.save_pretrained(scaled)
+    AutoTokenizer.from_pretrained(llama_world.reward).save_pretrained(scaled)
+    grads = []
+    for reward in [llama_world.reward, str(scaled)]:
+        steps = record_optimizer_steps(monkeypatch)
+        code, _, stderr = run_main("ppo_rlhf.py", *llama_world.args(), *TINY, "--reward-model-name", reward, "--kl-coef", "0",
+                                   "--missing-eos-penalty", "None", "--vf-coef", "0", "--num-ppo-epochs", "1",
+                                   "--num-minibatches", "1", "--max-grad-norm", "None", "--output-dir", str(tmp_path / f"run{len(grads)}"),
+                                   cwd=tmp_path)
+        assert code == 0, stderr[-3000:]
+        grads.append(steps[0]["grads"])
+    policy_grads = [(a, b) for a, b in zip(*grads) if a.abs().sum() > 0]  # the value model's are 0 (vf_coef 0)
+    assert policy_grads
+    for a, b in policy_grads:
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-3)
