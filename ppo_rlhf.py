@@ -744,7 +744,7 @@ if __name__ == "__main__":
                     kl_term = token_kl_loss(new_logprobs, r["ref_logprobs"][idx], mb_mask, kl_in_loss, args.kl_estimator)
                     loss = pg_loss + args.vf_coef * vf_loss + kl_term
                     check_finite(loss, update)
-                    scaler.scale(loss * mb_mask.sum() / minibatch_tokens).backward()
+                    scaler.scale(loss * (mb_mask.sum() / minibatch_tokens)).backward()  # exactly 1 unless accumulating
                     for k, v in zip(stats, [pg_loss, vf_loss, approxkl, clipfrac, ratio_mean, vf_clipfrac]):
                         stats[k].append(v.item())
                 if args.max_grad_norm is not None:
