@@ -19,7 +19,6 @@ Usage: python sac_rlhf.py --help   (defaults train on the built-in offline tinyw
 
 import contextlib
 import copy
-import itertools
 import json
 import math
 import os
@@ -501,12 +500,14 @@ def new_folder(base):
     """Create base, or else base_2, base_3, ...: the first that does not exist yet (mkdir is atomic, so two runs
     started in the same second never share a folder). Returns its path."""
     os.makedirs(os.path.dirname(base), exist_ok=True)
-    for n in itertools.count(1):
+    path, n = base, 1
+    while True:
         try:
-            os.mkdir(base if n == 1 else f"{base}_{n}")
-            return base if n == 1 else f"{base}_{n}"
+            os.mkdir(path)
+            return path
         except FileExistsError:
-            continue
+            n += 1
+            path = f"{base}_{n}"
 
 
 class RunLogger:
@@ -523,7 +524,10 @@ class RunLogger:
             os.makedirs(args.output_dir, exist_ok=True)
             for name in set(os.listdir(args.output_dir)) & RUN_FILES:  # --overwrite-output-dir: the old run goes
                 path = os.path.join(args.output_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
             with open(os.path.join(args.output_dir, "INCOMPLETE"), "w") as f:
                 f.write("This run has not finished: its records so far are here, and no final model.\n")
             with open(os.path.join(args.output_dir, "args.json"), "w") as f:
