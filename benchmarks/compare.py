@@ -76,7 +76,7 @@ def fail(message):
 
 
 def check_args(args):
-    """Every check before anything runs, so a bad flag costs nothing (DESIGN.md section 8, same spirit)."""
+    """Every check before anything runs, so a bad flag costs nothing (as in the scripts)."""
     if not args.runs or not args.seeds:
         fail("--runs and --seeds need at least one value each")
     for run in args.runs:

@@ -1,4 +1,4 @@
-"""The shared contract (../shared/DESIGN.md) for every script: identical common helpers, the run folder and
+"""The shared contract of the three scripts (the README documents it): identical common helpers, the run folder and
 metric keys on every fixture architecture, and bad input stopped with one clear message before training."""
 
 import ast
