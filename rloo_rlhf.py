@@ -416,13 +416,7 @@ def setup_run(args):
 
 
 def load_reward_model(name, flag, dtype, device):
-    """A frozen-or-trained copy of a reward model, refused unless it is a sequence classifier with one label."""
-    config = load_pretrained(AutoConfig, name, flag)
-    kind = (config.architectures or ["ForSequenceClassification"])[0]
-    if not kind.endswith("ForSequenceClassification"):
-        fail(f"{flag} {name} is a {kind}, not a reward model; pass an AutoModelForSequenceClassification with one label")
-    if config.num_labels != 1:
-        fail(f"{flag} {name} has {config.num_labels} labels; a reward model gives one score, so pass one with one label")
+    """A frozen or trained copy of a reward model (load_models has checked that it is one)."""
     return load_pretrained(AutoModelForSequenceClassification, name, flag, dtype=dtype).to(device)
 
 
@@ -442,10 +436,16 @@ def load_models(args, device, frozen_dtype):
         if positions is not None and args.max_prompt_length + args.response_length > positions:
             fail(f"{flag} {name} has {positions} positions, fewer than --max-prompt-length {args.max_prompt_length} "
                  f"+ --response-length {args.response_length}; lower them")  # absolute positions crash past it
+        kind = (config.architectures or ["?"])[0]  # the class it was saved as, when it says
         if flag == "--model-name":
-            if any(kind.endswith("ForSequenceClassification") for kind in config.architectures or []):
-                fail(f"--model-name {name} is a reward model ({config.architectures[0]}); pass a causal LM")
-        elif load_pretrained(AutoTokenizer, name, flag).get_vocab() != tokenizer.get_vocab():
+            if kind.endswith("ForSequenceClassification"):
+                fail(f"--model-name {name} is a reward model ({kind}); pass a causal LM")
+            continue
+        if kind != "?" and not kind.endswith("ForSequenceClassification"):
+            fail(f"{flag} {name} is a {kind}, not a reward model; pass an AutoModelForSequenceClassification with one label")
+        if config.num_labels != 1:
+            fail(f"{flag} {name} has {config.num_labels} labels; a reward model gives one score, so pass one with one label")
+        if load_pretrained(AutoTokenizer, name, flag).get_vocab() != tokenizer.get_vocab():
             fail(f"{flag} {name}: its tokenizer differs from the policy's ({args.model_name}); the RM reads the "
                  "policy's token ids, so use an RM trained with the same tokenizer")
     # The policy is trained: fp32 master weights. The reference is the same model and stays fp32 too, so that at
