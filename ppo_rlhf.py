@@ -1,9 +1,8 @@
 """PPO for RLHF: fine-tune a causal LM against a reward model with a KL penalty to a frozen reference.
 
-Each update samples one response per prompt, scores it with the reward model (RM), and builds a per-token
-reward: -kl_coef * (log pi - log pi_ref) at every response token plus the RM score at the last one. A value
-model (initialised from the RM) estimates the return; GAE turns rewards and values into advantages; then
-several epochs of clipped PPO over minibatches update policy and value.
+Each update samples one response per prompt, scores it with the reward model (RM), and builds a per-token reward:
+-kl_coef * (log pi - log pi_ref) at each response token plus the RM score at the last. A value model (initialised
+from the RM) estimates the return, GAE turns rewards and values into advantages, and clipped PPO epochs update both.
 
 Papers: InstructGPT (Ouyang et al. 2022, https://arxiv.org/abs/2203.02155); adaptive KL (Ziegler et al. 2019,
 https://arxiv.org/abs/1909.08593); PPO (Schulman et al. 2017, https://arxiv.org/abs/1707.06347); GAE (Schulman et
@@ -91,15 +90,13 @@ class Args:
     lam: float = 0.95  # the GAE lambda
     whiten_rewards: bool = False  # whiten the per-token rewards before GAE
     max_grad_norm: float | None = 1.0  # global gradient-norm clip (None disables)
-    kl_estimator: Literal["k1", "k2", "k3"] = (
-        "k1"  # per-token KL estimate of log r = log pi_ref - log pi (see kl_penalty)
-    )
-    kl_in: Literal["reward", "loss"] = "reward"  # put the KL penalty in the per-token reward, or add it to the loss
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # the per-token KL estimator of Schulman 2020 (see kl_penalty)
+    kl_in: Literal["reward", "loss"] = "reward"  # put the KL penalty in the reward, or add it to the loss
     kl_target: float | None = None  # if set, adapt kl_coef towards this sequence KL (Ziegler et al. 2019)
     kl_horizon: int = 10000  # the adaptive KL controller's horizon, in episodes
 
 
-# ============================== ALGO LOGIC: PPO's losses and estimators ===============================================
+# ======= ALGO LOGIC: this algorithm's losses and estimators (below them, the core and the plumbing are shared) ========
 ALGO_RANGES = {  # the allowed interval of each numeric flag of this algorithm (see COMMON_RANGES)
     "[1, inf)": ["num_ppo_epochs", "num_minibatches", "gradient_accumulation_steps", "kl_horizon"],
     "(0, inf)": ["clip_coef", "vf_clip_coef", "max_grad_norm", "kl_target"],
@@ -109,7 +106,7 @@ ALGO_RANGES = {  # the allowed interval of each numeric flag of this algorithm (
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator):
-    """Per-token KL estimate from log r = log pi - log pi_ref on sampled tokens (Schulman 2020, "Approximating KL").
+    """Per-token KL estimate from the log-ratio log pi - log pi_ref of sampled tokens (Schulman 2020, "Approx. KL").
 
     In the reward (--kl-in reward) the value is a constant and only log pi's score function carries gradient:
     with k1 the expected policy gradient is exactly the gradient of the sequence KL(pi || pi_ref); with k2 or
@@ -153,10 +150,8 @@ def whiten(x, mask, shift_mean=True):
 
 def compute_gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over the real tokens of each response:
-    A_t = sum_l (gamma lam)^l delta_{t+l} with delta_t = r_t + gamma V(s_{t+1}) - V(s_t).
-
-    Rewards and values are zero after the last real token, so the last real token bootstraps from 0.
-    Returns (advantages, returns = advantages + values), both [batch, time].
+    A_t = sum_l (gamma lam)^l delta_{t+l} with delta_t = r_t + gamma V(s_{t+1}) - V(s_t); rewards and values are 0
+    after the last real token (bootstrapping 0). Returns advantages and returns = advantages + values, [batch, time].
     """
     rewards, values = rewards * mask, values * mask
     last_gae, advantages = torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards)
@@ -171,9 +166,8 @@ def compute_gae(rewards, values, mask, gamma, lam):
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef):
     """Clipped surrogate (Schulman et al. 2017, eq. 7), averaged over real tokens:
     mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) with rho_t = pi(y_t | s_t) / pi_old(y_t | s_t).
-
-    At ratio 1 its gradient is -mean_t A_t grad log pi(y_t | s_t), so whole-sequence gradients are divided
-    by the number of tokens in the minibatch. Returns (loss, its statistics).
+    At ratio 1 its gradient is -mean_t A_t grad log pi(y_t | s_t): divided by the minibatch's number of tokens.
+    Returns (loss, its statistics).
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
@@ -188,8 +182,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef):
 
 
 def ppo_value_loss(values, old_values, returns, mask, vf_clip_coef):
-    """Clipped value loss (N details, Policy #10): 0.5 mean_t max((V - R)^2, (V_old + clip(V - V_old, -e, e) - R)^2).
-    Returns (loss, its statistics)."""
+    """Clipped value loss (N details, Policy #10): 0.5 mean_t max((V - R)^2, (V_old + clip(V - V_old, -e, e) - R)^2)."""
     clipped = old_values + torch.clamp(values - old_values, -vf_clip_coef, vf_clip_coef)
     losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
     clipfrac = masked_mean(((values - old_values).abs() > vf_clip_coef).float(), mask)
@@ -313,14 +306,8 @@ def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos):
     """The common metrics of a batch of responses (the README's metric table): objective/scores, objective/kl,
     objective/entropy, objective/response_length, objective/eos_rate in training records, eval/... in evaluations."""
     kl = ((logprobs - ref_logprobs) * mask).sum(1)  # [batch] sequence-level k1 on the sampled tokens
-    lengths, eos_rate = mask.sum(1).mean().item(), has_eos.float().mean().item()
-    return {
-        "scores": scores.mean().item(),
-        "kl": kl.mean().item(),
-        "entropy": masked_mean(entropy, mask).item(),
-        "response_length": lengths,
-        "eos_rate": eos_rate,
-    }
+    stats = {"scores": scores.mean().item(), "kl": kl.mean().item(), "entropy": masked_mean(entropy, mask).item()}
+    return stats | {"response_length": mask.sum(1).mean().item(), "eos_rate": has_eos.float().mean().item()}
 
 
 # === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
@@ -509,10 +496,8 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
         for j in range(len(query)):
             prompt = tokenizer.decode(query[j][query_mask[j].bool()], skip_special_tokens=True)
             response = tokenizer.decode(responses[j][mask[j].bool()], skip_special_tokens=True)
-            gold_score = None if gold is None else gold[j].item()
-            samples.append(
-                {"prompt": prompt, "response": response, "score": scores[j].item(), "gold_score": gold_score}
-            )
+            sample = {"prompt": prompt, "response": response, "score": scores[j].item()}
+            samples.append(sample | {"gold_score": None if gold is None else gold[j].item()})
     # Means over all prompts: each batch's mean weighted by its size.
     return {f"eval/{k}": sum(n * stats[k] for n, stats in batches) / len(eval_ids) for k in batches[0][1]}, samples
 
@@ -669,8 +654,7 @@ if __name__ == "__main__":
         for _epoch in range(args.num_ppo_epochs):
             perm = torch.randperm(args.batch_size, device=device)
             for mb_start in range(0, args.batch_size, minibatch_size):
-                # The losses are token means over the whole minibatch: each micro-batch's token mean is weighted
-                # by its share of the minibatch's tokens, so accumulation gives the gradient of one big minibatch.
+                # Weighting each micro-batch by its share of the minibatch's tokens gives one big minibatch's gradient.
                 minibatch_tokens = mask[perm[mb_start : mb_start + minibatch_size]].sum()
                 for micro_start in range(mb_start, mb_start + minibatch_size, micro_batch_size):
                     i = perm[micro_start : micro_start + micro_batch_size]
@@ -694,7 +678,7 @@ if __name__ == "__main__":
                 optimizer.zero_grad(set_to_none=True)
         time_update += time.time() - t0
 
-        # LOGGING: the common keys, the means of the update's statistics, and how much of the return V explains.
+        # LOGGING: the common keys, then the means of the update's statistics and the algorithm's own diagnostics.
         stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         explained_var = 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
         stats["ppo/explained_variance"] = explained_var.item()

@@ -1,13 +1,11 @@
 """RLOO for RLHF: REINFORCE with a leave-one-out baseline, against a reward model with a KL penalty.
 
-Each update samples k responses for each of a batch of prompts and gives each response one sequence reward,
-R = RM score - kl_coef * sum_t (log pi - log pi_ref). The baseline of response i is the mean reward of the
-other k - 1 responses to the same prompt, so the advantage R_i - b_i is unbiased with no value model. The loss
-is REINFORCE on the whole response, -A_i * sum_t log pi(y_t | ...), one gradient step per rollout. With
---num-ppo-epochs > 1 the same batch is reused with a PPO-style clip on the sequence ratio.
+Each update samples k responses to each of a batch of prompts; each response gets one sequence reward,
+R = RM score - kl_coef * sum_t (log pi - log pi_ref), and as baseline the mean reward of the other k - 1 responses to
+its prompt: an unbiased advantage with no value model. The loss is REINFORCE on whole responses, one gradient step per
+rollout (with --num-ppo-epochs > 1 the batch is reused under a PPO-style clip of the sequence ratio).
 
-Papers: "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs"
-(Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740); "Buy 4 REINFORCE Samples, Get a Baseline for Free!"
+Papers: RLOO, "Back to Basics" (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740); the leave-one-out baseline
 (Kool et al. 2019, https://openreview.net/forum?id=r1lgTGL5DE); KL estimators (Schulman 2020,
 http://joschu.net/blog/kl-approx.html).
 "N details, <section> #k": item k of that section of "The N Implementation Details of RLHF with PPO" (Huang et al.
@@ -89,13 +87,11 @@ class Args:
     clip_coef: float = 0.2  # the sequence ratio clip range, active only from the second epoch on
     normalize_advantage: bool = False  # normalise each batch's advantages to mean 0 and std 1 (off in the paper)
     max_grad_norm: float | None = 1.0  # global gradient-norm clip (None disables)
-    kl_estimator: Literal["k1", "k2", "k3"] = (
-        "k1"  # per-token KL estimate of log r = log pi_ref - log pi (see kl_penalty)
-    )
-    kl_in: Literal["reward", "loss"] = "reward"  # put the KL penalty in the sequence reward, or add it to the loss
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # the per-token KL estimator of Schulman 2020 (see kl_penalty)
+    kl_in: Literal["reward", "loss"] = "reward"  # put the KL penalty in the reward, or add it to the loss
 
 
-# =================================== ALGO LOGIC: RLOO's reward, advantages and loss ===================================
+# ======= ALGO LOGIC: this algorithm's losses and estimators (below them, the core and the plumbing are shared) ========
 ALGO_RANGES = {  # the allowed interval of each numeric flag of this algorithm (see COMMON_RANGES)
     "[2, inf)": ["rloo_k"],
     "[1, inf)": ["num_ppo_epochs", "gradient_accumulation_steps"],
@@ -104,7 +100,7 @@ ALGO_RANGES = {  # the allowed interval of each numeric flag of this algorithm (
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator):
-    """Per-token KL estimate from log r = log pi - log pi_ref on sampled tokens (Schulman 2020, "Approximating KL").
+    """Per-token KL estimate from the log-ratio log pi - log pi_ref of sampled tokens (Schulman 2020, "Approx. KL").
 
     In the reward (--kl-in reward) the value is a constant and only log pi's score function carries gradient:
     with k1 the expected policy gradient is exactly the gradient of the sequence KL(pi || pi_ref); with k2 or
@@ -127,8 +123,7 @@ def sequence_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
 
 
 def sequence_kl_loss(logprobs, ref_logprobs, mask, kl_coef, estimator):
-    """--kl-in loss: kl_coef times the KL estimate summed over each response, batch mean, differentiated through
-    log pi (see kl_penalty)."""
+    """--kl-in loss: kl_coef times the batch mean of each response's summed KL estimate, through log pi (kl_penalty)."""
     return kl_coef * (kl_penalty(logprobs, ref_logprobs, estimator) * mask).sum(1).mean()
 
 
@@ -147,11 +142,10 @@ def rloo_advantages(rewards, k):
 def rloo_policy_loss(seq_logprobs, old_seq_logprobs, advantages, clip_coef):
     """REINFORCE on whole responses, -A_i * log pi(y_i | x_i), through a clipped sequence ratio, batch mean.
 
-    On the first pass over a batch the ratio pi / pi_old is exactly 1, the clip never acts, and the gradient
-    is -mean_i A_i grad sum_t log pi(y_t | s_t): plain REINFORCE. The ratio loss's value is then 0 (leave-one-out
-    advantages sum to 0 over each prompt's responses), so the value reported is the REINFORCE loss
-    -mean_i A_i log pi(y_i | x_i), which has the same gradient there: below 0 when the policy already gives the
-    better responses of each prompt the higher likelihood. Returns (loss, its statistics).
+    On a batch's first pass the ratio pi / pi_old is exactly 1, the clip never acts, and the gradient is
+    -mean_i A_i grad sum_t log pi(y_t | s_t): plain REINFORCE. The ratio loss is then 0 (leave-one-out advantages sum
+    to 0 per prompt), so "loss/policy" reports -mean_i A_i log pi(y_i | x_i), same gradient, below 0 when the policy
+    already favours each prompt's better responses. Returns (loss, its statistics).
     """
     log_ratio = seq_logprobs - old_seq_logprobs
     ratio = torch.exp(log_ratio)
@@ -277,14 +271,8 @@ def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos):
     """The common metrics of a batch of responses (the README's metric table): objective/scores, objective/kl,
     objective/entropy, objective/response_length, objective/eos_rate in training records, eval/... in evaluations."""
     kl = ((logprobs - ref_logprobs) * mask).sum(1)  # [batch] sequence-level k1 on the sampled tokens
-    lengths, eos_rate = mask.sum(1).mean().item(), has_eos.float().mean().item()
-    return {
-        "scores": scores.mean().item(),
-        "kl": kl.mean().item(),
-        "entropy": masked_mean(entropy, mask).item(),
-        "response_length": lengths,
-        "eos_rate": eos_rate,
-    }
+    stats = {"scores": scores.mean().item(), "kl": kl.mean().item(), "entropy": masked_mean(entropy, mask).item()}
+    return stats | {"response_length": mask.sum(1).mean().item(), "eos_rate": has_eos.float().mean().item()}
 
 
 # === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
@@ -473,10 +461,8 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
         for j in range(len(query)):
             prompt = tokenizer.decode(query[j][query_mask[j].bool()], skip_special_tokens=True)
             response = tokenizer.decode(responses[j][mask[j].bool()], skip_special_tokens=True)
-            gold_score = None if gold is None else gold[j].item()
-            samples.append(
-                {"prompt": prompt, "response": response, "score": scores[j].item(), "gold_score": gold_score}
-            )
+            sample = {"prompt": prompt, "response": response, "score": scores[j].item()}
+            samples.append(sample | {"gold_score": None if gold is None else gold[j].item()})
     # Means over all prompts: each batch's mean weighted by its size.
     return {f"eval/{k}": sum(n * stats[k] for n, stats in batches) / len(eval_ids) for k in batches[0][1]}, samples
 
@@ -584,8 +570,7 @@ if __name__ == "__main__":
     train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
     eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
     params = list(policy.parameters())
-    # Same optimizer settings as the PPO script, so the comparison is about the algorithm; no weight decay,
-    # so the KL-regularised optimum stays the fixed point.
+    # eps=1e-5 as in N+ (sec. 7, PPO setup); no weight decay, so the KL-regularised optimum stays the fixed point.
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     # fp16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
@@ -600,7 +585,7 @@ if __name__ == "__main__":
     logger.log_eval(0, *evaluate(*eval_models))
 
     for update in range(1, num_updates + 1):
-        # Linear learning-rate decay to 0 over the run, as in the PPO script.
+        # Linear learning-rate decay to 0 over the run (N details, General #5).
         lr = args.learning_rate * (1.0 - (update - 1.0) / num_updates)
         optimizer.param_groups[0]["lr"] = lr
 
@@ -647,8 +632,7 @@ if __name__ == "__main__":
             optimizer.zero_grad(set_to_none=True)
         time_update += time.time() - t0
 
-        # LOGGING: the common keys, the means of the update's statistics (the clip's only when it can act), and
-        # the spread of the advantages and the baselines.
+        # LOGGING: the common keys, then the means of the update's statistics and the algorithm's own diagnostics.
         stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         stats.update({"rloo/advantage_std": advantages.std().item(), "rloo/baseline_mean": baselines.mean().item()})
         objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)

@@ -2,10 +2,10 @@
 
 State: prompt + response so far; action: the next token; reward: the RM score (after the missing-EOS penalty) at
 the last token, 0 before. SAC maximises E[sum_t r_t + alpha H(pi(.|s_t)) - beta KL(pi(.|s_t) || pi_ref(.|s_t))],
-beta = --kl-coef. The critic gives Q(s, .) over the whole vocabulary (twin heads on the reward model's backbone,
-a Polyak-averaged target copy), so the soft value and the policy loss are exact sums over the vocabulary. The
-policy loss is minimised by pi proportional to pi_ref^(beta / (alpha + beta)) exp(Q / (alpha + beta)). Rollouts go
-into a replay buffer of whole responses; gradient steps on samples from it use n-step targets (off-policy).
+beta = --kl-coef. The critic gives Q(s, .) over the whole vocabulary (twin heads on the reward model's backbone, a
+Polyak-averaged target copy), so soft values and the policy loss are exact sums over the vocabulary; that loss is
+minimised by pi proportional to pi_ref^(beta / (alpha + beta)) exp(Q / (alpha + beta)). Rollouts go into a replay
+buffer of whole responses; gradient steps on samples from it use n-step targets (off-policy).
 
 Papers: SAC (Haarnoja et al. 2018, https://arxiv.org/abs/1801.01290; 2018b, https://arxiv.org/abs/1812.05905);
 discrete SAC (Christodoulou 2019, https://arxiv.org/abs/1910.07207); KL-regularised soft RL (Fox et al. 2016,
@@ -99,7 +99,7 @@ class Args:
     max_grad_norm: float | None = 1.0  # global gradient-norm clip of the actor and of the critic (None disables)
 
 
-# ============================= ALGO LOGIC: SAC's critic, replay buffer, targets and losses ============================
+# ======= ALGO LOGIC: this algorithm's losses and estimators (below them, the core and the plumbing are shared) ========
 ALGO_RANGES = {  # the allowed interval of each numeric flag of this algorithm (see COMMON_RANGES)
     "[0, inf)": ["alpha", "target_entropy_scale", "learning_starts"],
     "(0, inf)": ["q_learning_rate", "max_grad_norm"],
@@ -144,10 +144,7 @@ class ReplayBuffer:
     def add(self, query, query_mask, responses, mask, scores):
         for i in range(len(query)):  # only the real tokens: padding is rebuilt for each sampled minibatch
             item = (query[i][query_mask[i].bool()].tolist(), responses[i][mask[i].bool()].tolist(), scores[i].item())
-            if len(self.items) < self.capacity:
-                self.items.append(item)
-            else:
-                self.items[self.next] = item  # overwrite the oldest response
+            self.items[self.next : self.next + 1] = [item]  # append until full, then overwrite the oldest
             self.next = (self.next + 1) % self.capacity
 
     def sample(self, n, pad_id, device):
@@ -163,11 +160,6 @@ class ReplayBuffer:
 def soft_bonus(logp, ref_logp, alpha, beta):
     """Per state: sum_a pi(a|s) [-(alpha + beta) log pi(a|s) + beta log pi_ref(a|s)], i.e. alpha H(pi) - beta KL."""
     return (logp.exp() * (-(alpha + beta) * logp + beta * ref_logp)).sum(-1)
-
-
-def soft_value(logp, ref_logp, q_min, alpha, beta):
-    """V(s) = sum_a pi(a|s) [min_j Qbar_j(s, a) - (alpha + beta) log pi(a|s) + beta log pi_ref(a|s)], exactly."""
-    return (logp.exp() * q_min).sum(-1) + soft_bonus(logp, ref_logp, alpha, beta)
 
 
 def shift(x, i):
@@ -199,10 +191,11 @@ def sac_policy_loss(logp, ref_logp, q_min, alpha, beta, mask):
 
 @torch.no_grad()
 def critic_targets(q_target_all, logp, ref_logp, scores, mask, alpha, beta, gamma, n):
-    """The critic's n-step soft targets [batch, time] from the target critic's Q_j(s, .) [batch, time, 2, vocab]: soft
-    values use the pessimistic min_j Qbar_j (Fujimoto et al. 2018); the reward is the score at the last token."""
-    values = soft_value(logp, ref_logp, q_target_all.min(2).values, alpha, beta)
+    """The critic's n-step soft targets [batch, time] from the target critic's Q_j(s, .) [batch, time, 2, vocab], with
+    the exact soft value V(s) = sum_a pi(a|s) [min_j Qbar_j(s, a) - (alpha + beta) log pi(a|s) + beta log pi_ref(a|s)]
+    (pessimistic min_j: Fujimoto et al. 2018); the reward is the score at the last token."""
     bonuses = soft_bonus(logp, ref_logp, alpha, beta)
+    values = (logp.exp() * q_target_all.min(2).values).sum(-1) + bonuses
     rewards = torch.zeros_like(mask)
     rewards[torch.arange(len(mask)), mask.sum(1).long() - 1] = scores
     return n_step_targets(rewards, bonuses, values, mask, gamma, n)
@@ -327,14 +320,8 @@ def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos):
     """The common metrics of a batch of responses (the README's metric table): objective/scores, objective/kl,
     objective/entropy, objective/response_length, objective/eos_rate in training records, eval/... in evaluations."""
     kl = ((logprobs - ref_logprobs) * mask).sum(1)  # [batch] sequence-level k1 on the sampled tokens
-    lengths, eos_rate = mask.sum(1).mean().item(), has_eos.float().mean().item()
-    return {
-        "scores": scores.mean().item(),
-        "kl": kl.mean().item(),
-        "entropy": masked_mean(entropy, mask).item(),
-        "response_length": lengths,
-        "eos_rate": eos_rate,
-    }
+    stats = {"scores": scores.mean().item(), "kl": kl.mean().item(), "entropy": masked_mean(entropy, mask).item()}
+    return stats | {"response_length": mask.sum(1).mean().item(), "eos_rate": has_eos.float().mean().item()}
 
 
 # === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
@@ -523,10 +510,8 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
         for j in range(len(query)):
             prompt = tokenizer.decode(query[j][query_mask[j].bool()], skip_special_tokens=True)
             response = tokenizer.decode(responses[j][mask[j].bool()], skip_special_tokens=True)
-            gold_score = None if gold is None else gold[j].item()
-            samples.append(
-                {"prompt": prompt, "response": response, "score": scores[j].item(), "gold_score": gold_score}
-            )
+            sample = {"prompt": prompt, "response": response, "score": scores[j].item()}
+            samples.append(sample | {"gold_score": None if gold is None else gold[j].item()})
     # Means over all prompts: each batch's mean weighted by its size.
     return {f"eval/{k}": sum(n * stats[k] for n, stats in batches) / len(eval_ids) for k in batches[0][1]}, samples
 
@@ -712,12 +697,11 @@ if __name__ == "__main__":
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(opt_params, args.max_grad_norm)
                 scaler.step(opt)
+                opt.zero_grad(set_to_none=True)
             if alpha_optimizer is not None:  # alpha's gradient came through the same scaled backward
                 scaler.step(alpha_optimizer)  # unscales it, and skips the step when it is inf or NaN
                 alpha_optimizer.zero_grad(set_to_none=True)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            q_optimizer.zero_grad(set_to_none=True)
             lerp_parameters(critic_target, critic, args.tau)  # Polyak averaging (Haarnoja et al. 2018)
             stats.append({"loss/policy": policy_loss.item(), "loss/alpha": alpha_loss.item(), **q_stats})
             stats[-1] |= {"sac/policy_entropy": policy_entropy.item(), "sac/entropy_target": entropy_target.item()}
@@ -725,8 +709,9 @@ if __name__ == "__main__":
 
         # LOGGING: the common keys, the means of the update's statistics (none before learning starts), alpha.
         stats = {k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})}
-        stats.update(
-            {"sac/alpha": log_alpha.exp().item() if args.autotune else args.alpha, "sac/buffer_size": len(buffer)}
+        stats["sac/alpha"], stats["sac/buffer_size"] = (
+            log_alpha.exp().item() if args.autotune else args.alpha,
+            len(buffer),
         )
         objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)
         logger.log_train(episode, update, lr, kl_coef, objective, start_time, time_rollout, time_update, stats)

@@ -34,23 +34,21 @@ def random_distributions(shape, seed):
 # Soft value, critic targets, policy loss: plain loops over states, heads and vocabulary
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("alpha,beta", [(0.0, 0.1), (0.3, 0.05), (0.2, 0.0)])
-def test_soft_value_and_policy_loss_match_loops_over_the_vocabulary(alpha, beta):
+def test_policy_loss_and_soft_bonus_match_loops_over_the_vocabulary(alpha, beta):
+    """(The soft value is checked through critic_targets, against the textbook formula, below.)"""
     B, T, V = 3, 4, 7
     logp, ref_logp = random_distributions((B, T, V), 0), random_distributions((B, T, V), 1)
     q = torch.randn(B, T, 2, V, generator=torch.Generator().manual_seed(2))
     mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
     q_min = q.min(2).values
-    values = sac.soft_value(logp, ref_logp, q_min, alpha, beta)
     total, count = 0.0, 0
     for b in range(B):
         for t in range(T):
-            v = pl = 0.0
+            pl = 0.0
             for a in range(V):
                 p, lp, lr = logp[b, t, a].exp().item(), logp[b, t, a].item(), ref_logp[b, t, a].item()
                 qa = min(q[b, t, 0, a].item(), q[b, t, 1, a].item())
-                v += p * (qa - (alpha + beta) * lp + beta * lr)
                 pl += p * ((alpha + beta) * lp - beta * lr - qa)
-            assert values[b, t].item() == pytest.approx(v, abs=1e-5)
             if mask[b, t]:
                 total, count = total + pl, count + 1
     # The loss averages over real states (not over the vocabulary, not over padding).
