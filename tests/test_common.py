@@ -804,6 +804,37 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_minibatch(script, t
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_no_gradient_carries_over_from_one_optimizer_step_to_the_next(script, llama, tmp_path, monkeypatch):
+    """Every backward pass after an optimizer step starts from no gradient on that optimizer's parameters, so each
+    step sees only its own minibatch (with Adam, left-over gradients would act like extra momentum, unnoticed)."""
+    stepped, leftovers = [], []
+    original_backward = torch.Tensor.backward
+
+    def recording(original_step):
+        def step(self, *args, **kwargs):
+            stepped.append(self)
+            return original_step(self, *args, **kwargs)
+
+        return step
+
+    def backward(self, *args, **kwargs):
+        for opt in stepped:
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            leftovers.append(sum(float(g.abs().sum()) for g in grads))
+        stepped.clear()
+        return original_backward(self, *args, **kwargs)
+
+    originals = {cls: cls.step for cls in [torch.optim.Adam, torch.optim.AdamW]}  # each class's own step
+    for cls, original_step in originals.items():
+        monkeypatch.setattr(cls, "step", recording(original_step))
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    out = tmp_path / "run"
+    code, _, stderr = run_main(script, *llama.args(), *TINY, "--output-dir", str(out), cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert len(leftovers) > 0 and leftovers == [0.0] * len(leftovers)
+
+
 @pytest.mark.parametrize("script", ["ppo_rlhf.py", "rloo_rlhf.py"])
 def test_k3_in_the_loss_stays_finite_at_a_low_temperature(script, tinyworld, tmp_path):
     """log pi at padding used to be unmasked: exp(-log r) overflowed to inf and the loss became NaN."""
