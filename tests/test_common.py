@@ -664,6 +664,8 @@ def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, l
         "8",
         "--eval-size",
         "6",
+        "--gold-reward-model-name",  # the RM again, as the gold model: its scores too must be means over prompts
+        llama.reward,
         "--output-dir",
         str(out),
         cwd=tmp_path,
@@ -677,6 +679,8 @@ def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, l
     for r in evals:  # batches of 4 and 2 prompts: each prompt counts once
         scores = [s["score"] for s in samples if s["episode"] == r["episode"]]
         assert len(scores) == 6 and r["eval/scores"] == pytest.approx(sum(scores) / 6)
+        gold = [s["gold_score"] for s in samples if s["episode"] == r["episode"]]
+        assert r["eval/gold_scores"] == pytest.approx(sum(gold) / 6)
 
 
 def test_prompt_stream_reshuffles_every_pass_and_truncates_from_the_left(llama):
