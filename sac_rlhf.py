@@ -709,10 +709,8 @@ if __name__ == "__main__":
 
         # LOGGING: the common keys, the means of the update's statistics (none before learning starts), alpha.
         stats = {k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})}
-        stats["sac/alpha"], stats["sac/buffer_size"] = (
-            log_alpha.exp().item() if args.autotune else args.alpha,
-            len(buffer),
-        )
+        alpha = log_alpha.exp().item() if args.autotune else args.alpha
+        stats |= {"sac/alpha": alpha, "sac/buffer_size": len(buffer)}
         objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)
         logger.log_train(episode, update, lr, kl_coef, objective, start_time, time_rollout, time_update, stats)
 

@@ -11,6 +11,7 @@ that build the worlds once per session live in ``tests/conftest.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,6 +30,23 @@ TOKENIZER_OF = {"llama": "word", "gpt2": "word_no_pad", "gpt_neox": "word", "qwe
 """Which tokenizer each arch world uses (see make_tokenizer and make_bpe_tokenizer)."""
 
 SEED = 1234
+
+TINY = [  # a two-update run: batch 16 divides every script's batch constraint (PPO minibatches, RLOO's k = 4)
+    "--total-episodes",
+    "32",
+    "--batch-size",
+    "16",
+    "--eval-every",
+    "16",
+    "--eval-size",
+    "8",
+    "--response-length",
+    "6",
+]
+"""Flags of a tiny run, for the tests of every script."""
+
+NO_AUTOCAST = contextlib.nullcontext()
+"""The `autocast` argument of the scripts' helpers when a test runs them in fp32."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 metric keys on every fixture architecture, and bad input stopped with one clear message before training."""
 
 import ast
-import contextlib
 import json
 import math
 import os
@@ -10,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import REPO, read_jsonl, record_optimizer_steps, run_main, run_script
+from tests.helpers import NO_AUTOCAST, REPO, TINY, read_jsonl, record_optimizer_steps, run_main, run_script
 
 SCRIPTS = [s for s in ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"] if (REPO / s).exists()]
 COMMON_TRAIN_KEYS = [
@@ -43,20 +42,6 @@ ALGO_KEYS = {
     "sac_rlhf.py": ["loss/q", "sac/q_mean", "sac/alpha", "loss/alpha", "sac/entropy_target", "sac/buffer_size"],
 }
 EVAL_KEYS = ["episode", "eval/scores", "eval/kl", "eval/entropy", "eval/response_length", "eval/eos_rate"]
-NO_AUTOCAST = contextlib.nullcontext()
-# Batch 16 divides every script's batch constraint (PPO minibatches, RLOO's k = 4).
-TINY = [
-    "--total-episodes",
-    "32",
-    "--batch-size",
-    "16",
-    "--eval-every",
-    "16",
-    "--eval-size",
-    "8",
-    "--response-length",
-    "6",
-]
 
 
 def top_level_definitions(script):

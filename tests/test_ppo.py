@@ -1,6 +1,5 @@
 """ppo_rlhf.py: its math against exact enumeration and plain loops, and the script end to end."""
 
-import contextlib
 import math
 
 import pytest
@@ -8,21 +7,7 @@ import torch
 
 import ppo_rlhf as ppo
 from tests import enumeration as en
-from tests.helpers import read_jsonl, record_optimizer_steps, run_main, run_script
-
-NO_AUTOCAST = contextlib.nullcontext()
-TINY = [
-    "--total-episodes",
-    "32",
-    "--batch-size",
-    "16",
-    "--eval-every",
-    "16",
-    "--eval-size",
-    "8",
-    "--response-length",
-    "6",
-]
+from tests.helpers import NO_AUTOCAST, TINY, read_jsonl, record_optimizer_steps, run_main, run_script
 
 
 # ---------------------------------------------------------------------------------------------

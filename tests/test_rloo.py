@@ -8,21 +8,9 @@ import torch
 
 import rloo_rlhf as rloo
 from tests import enumeration as en
-from tests.helpers import read_jsonl, run_main, run_script
+from tests.helpers import TINY, read_jsonl, run_main, run_script
 
 BETA = 0.7
-TINY = [
-    "--total-episodes",
-    "32",
-    "--batch-size",
-    "16",
-    "--eval-every",
-    "16",
-    "--eval-size",
-    "8",
-    "--response-length",
-    "6",
-]
 
 
 @pytest.mark.parametrize("k", [2, 4])

@@ -1,28 +1,12 @@
 """sac_rlhf.py: soft value, critic targets and policy loss against brute-force loops over the vocabulary, the
 policy loss's minimiser, the replay buffer and target updates, and convergence to the KL-regularised optimum."""
 
-import contextlib
-
 import pytest
 import torch
 
 import sac_rlhf as sac
 from tests import enumeration as en
-from tests.helpers import read_jsonl, record_optimizer_steps, run_main, run_script
-
-NO_AUTOCAST = contextlib.nullcontext()
-TINY = [
-    "--total-episodes",
-    "32",
-    "--batch-size",
-    "16",
-    "--eval-every",
-    "16",
-    "--eval-size",
-    "8",
-    "--response-length",
-    "6",
-]
+from tests.helpers import NO_AUTOCAST, TINY, read_jsonl, record_optimizer_steps, run_main, run_script
 
 
 def random_distributions(shape, seed):
