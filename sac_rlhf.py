@@ -88,6 +88,7 @@ class Args:
     alpha: float = 0.0  # the entropy coefficient (the initial one with --autotune); 0 = no entropy term
     autotune: bool = False  # tune alpha so the per-token entropy stays above the target (Haarnoja et al. 2018b)
     target_entropy_scale: float = 0.5  # target entropy = this times pi_ref's mean per-token entropy at the same states
+    critic: Literal["factored", "heads"] = "heads"  # A_j through pi_ref's token embeddings, or a vocab-wide head
     q_learning_rate: float = 1e-3  # the critic's (and alpha's) learning rate
     tau: float = 0.05  # Polyak rate of the target critic: target <- tau * critic + (1 - tau) * target every step
     gamma: float = 1.0  # the discount factor
@@ -111,15 +112,18 @@ ALGO_RANGES = {  # the allowed interval of each numeric flag of this algorithm (
 
 class SoftQNetwork(torch.nn.Module):
     """Twin soft Q-functions over the vocabulary on one backbone from the reward model, in dueling form (Wang et al.
-    2016): Q_j(s, a) = b(s) + A_j(s, a), b the RM's score head read at s, A_j a linear head started near 0. So Q(s, .)
-    starts flat (the policy's optimum is pi_ref) and an untried token inherits its state's value, not 0. Different
-    tiny starts keep the twins apart, so min_j Q_j is pessimistic where they disagree (Fujimoto et al. 2018)."""
+    2016): Q_j(s, a) = b(s) + A_j(s, a), b the RM's score head read at s, A_j started near 0. So Q(s, .) starts flat
+    (the policy's optimum is pi_ref) and an untried token inherits its state's value, not 0. Different tiny starts
+    keep the twins apart, so min_j Q_j is pessimistic where they disagree (Fujimoto et al. 2018). A_j is factored
+    through fixed token vectors e_a (rows of pi_ref's output embeddings), A_j(s, a) = e_a . W_j h(s) / |e_a|: new
+    parameters 2 x hidden x hidden, not 2 x hidden x vocab; with token_vectors None it is a vocab-wide head."""
 
-    def __init__(self, reward_model, vocab_size):
+    def __init__(self, reward_model, vocab_size, token_vectors=None):
         super().__init__()
         self.model = reward_model  # AutoModelForSequenceClassification: backbone + `score` head, both trained
+        self.token_vectors = token_vectors  # [vocab, d], not a parameter here: pi_ref's own (frozen) output layer
         hidden = reward_model.score.in_features
-        self.advantage = torch.nn.Linear(hidden, 2 * vocab_size)
+        self.advantage = torch.nn.Linear(hidden, 2 * (vocab_size if token_vectors is None else token_vectors.shape[1]))
         torch.nn.init.normal_(self.advantage.weight, std=1e-3 / hidden)  # |A| ~ 1e-4: pi* = pi_ref to 0.1%
         torch.nn.init.zeros_(self.advantage.bias)
 
@@ -128,7 +132,9 @@ class SoftQNetwork(torch.nn.Module):
         hidden = backbone_hidden(self.model, query, query_mask, responses, resp_mask, autocast)
         hidden = hidden[:, query.shape[1] - 1 : -1].float()  # the state before token t: prompt + y_<t
         baseline = self.model.score(hidden)  # [batch, time, 1]
-        advantage = self.advantage(hidden).view(*hidden.shape[:2], 2, -1)
+        advantage = self.advantage(hidden).view(*hidden.shape[:2], 2, -1)  # [batch, time, 2, vocab or d]
+        if self.token_vectors is not None:  # unit token vectors, so every token's A_j moves at the same rate
+            advantage = (advantage @ self.token_vectors.T) / self.token_vectors.norm(dim=1)  # [batch, time, 2, vocab]
         return baseline.unsqueeze(-1) + advantage
 
 
@@ -620,10 +626,11 @@ if __name__ == "__main__":
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
     eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
-    # The critic: a trained copy of the RM plus twin heads as wide as the policy's logits (maybe > len(tokenizer)).
+    # The critic: a trained copy of the RM; its Q(s, .) is as wide as the policy's logits (maybe > len(tokenizer)).
     reward_copy = load_reward_model(args.reward_model_name, "--reward-model-name", torch.float32, device)
-    critic = SoftQNetwork(reward_copy, policy.get_output_embeddings().weight.shape[0]).to(device).eval()
-    critic_target = copy.deepcopy(critic).requires_grad_(False)
+    tokens = ref_policy.get_output_embeddings().weight.detach()  # shares pi_ref's storage (and its resets)
+    critic = SoftQNetwork(reward_copy, len(tokens), tokens if args.critic == "factored" else None).to(device).eval()
+    critic_target = copy.deepcopy(critic, memo={id(tokens): tokens}).requires_grad_(False)  # one copy of tokens
     params, q_params = list(policy.parameters()), list(critic.parameters())
     # Same optimizer settings as the other scripts; no weight decay, so the KL-regularised optimum stays the optimum.
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)

@@ -1,13 +1,16 @@
 """Head-to-head on the tinyworld: run scripts with the same flags and seeds, then write one report.
 
 A comparison is a list of runs (--runs), each a script optionally followed by its own flags, for example
-"ppo_rlhf.py" or "ppo_rlhf.py --clip-coef 1000". Every run is repeated for every seed and gets the flags in
+"ppo_rlhf.py" or "ppo_rlhf.py --clip-coef 1000". A script may carry a patch from experiments/ (a design that is
+not in the script, kept so its result can be reproduced): "sac_rlhf.py+experiments/sac_critic_lm.patch --critic lm"
+runs a patched copy written to <output-dir>/scripts/. Every run is repeated for every seed and gets the flags in
 --extra; --kl-coefs turns the comparison into a KL-coefficient sweep (each run once per coefficient). Each
 (run, seed) is its own process with one thread, --parallel at a time, so its wall time and peak memory are
 its own. The report folder (--output-dir) then holds:
 
 - table.md: per run, the mean and half-range over seeds of the final evaluation (proxy score, gold score,
-  KL, entropy, response length), wall time, episodes per second and peak memory; the Gao et al. (2022) fit
+  KL, entropy, response length), wall time, episodes per second and peak memory; for each --gold-thresholds
+  value, the episode at which each seed's evaluation first reaches it and the KL there; the Gao et al. (2022) fit
   of gold score against d = sqrt(KL); the best-of-n baseline;
 - scores.png (proxy and gold score against episodes), kl.png (both against sqrt(KL), with best-of-n and the
   fits), entropy.png (entropy against episodes), summary.json (every number the table and plots use);
@@ -59,6 +62,8 @@ class Args:
     """KL-coefficient sweep: run every entry of --runs once per coefficient (adds --kl-coef to it)"""
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     """best-of-n baseline sizes (each dividing the next); pass --best-of-n with no value to skip"""
+    gold_thresholds: list[float] = field(default_factory=lambda: [1.5, 1.9])
+    """eval gold scores whose first crossing the table reports per seed (episodes, and the KL there)"""
     output_dir: str = "runs/compare"
     """report folder (table.md, plots, summary.json, runs/); must not exist yet unless --resume"""
     resume: bool = False
@@ -79,9 +84,11 @@ def check_args(args):
     if not args.runs or not args.seeds:
         fail("--runs and --seeds need at least one value each")
     for run in args.runs:
-        script = (shlex.split(run) or [""])[0]
+        script, _, patch = (shlex.split(run) or [""])[0].partition("+")
         if script not in SCRIPTS:
             fail(f"--runs: '{run}' must start with one of {', '.join(SCRIPTS)}")
+        if patch and not (patch.startswith("experiments/") and os.path.isfile(os.path.join(REPO, patch))):
+            fail(f"--runs: '{run}': {patch} is not a patch in this repository's experiments/ folder")
     for flags, flag in [(shlex.split(run)[1:], "--runs") for run in args.runs] + [(shlex.split(args.extra), "--extra")]:
         owned = [f for f in flags if f.split("=")[0] in RUNNER_FLAGS]
         if owned:
@@ -110,7 +117,7 @@ def check_args(args):
             if os.path.exists(runner):
                 with open(runner) as f:
                     old = shlex.split(json.load(f)["command"])[1:]
-                if old != run_command(args, label, seed)[1:]:
+                if old != shlex.split(shown_command(run_command(args, label, seed)))[1:]:
                     fail(
                         f"--resume: {os.path.dirname(runner)} was made with other flags ({shlex.join(old[1:])}); "
                         "use another --output-dir"
@@ -129,12 +136,34 @@ def run_folder(args, label, seed):
     return os.path.join(args.output_dir, "runs", f"{slug}__{seed}")
 
 
+def script_path(args, script):
+    """The script a run executes: a repository script, or its patched copy in <output-dir>/scripts/."""
+    if "+" not in script:
+        return os.path.join(REPO, script)
+    return os.path.join(args.output_dir, "scripts", re.sub(r"[^A-Za-z0-9.]+", "_", script.removesuffix(".patch")))
+
+
+def write_patched_scripts(args):
+    """Apply each run's patch to a copy of its script; fail with patch's message when it no longer applies."""
+    os.makedirs(os.path.join(args.output_dir, "scripts"), exist_ok=True)
+    tinyworld = os.path.join(args.output_dir, "scripts", "tinyworld")  # the scripts look for it beside themselves
+    if not os.path.lexists(tinyworld):
+        os.symlink(os.path.join(REPO, "tinyworld"), tinyworld)
+    for script in {shlex.split(run)[0] for run in args.runs if "+" in shlex.split(run)[0]}:
+        base, patch = script.split("+")
+        out = script_path(args, script) + ".py"
+        cmd = ["patch", "--quiet", "--output", out, os.path.join(REPO, base), os.path.join(REPO, patch)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            fail(f"--runs: {patch} does not apply to {base} ({(result.stdout + result.stderr).strip()[:300]})")
+
+
 def run_command(args, label, seed):
     """The command line of one (run, seed): the runner's flags, then --extra, then the run's own flags."""
     script, *flags = shlex.split(label)
     return [
         sys.executable,
-        os.path.join(REPO, script),
+        script_path(args, script) + (".py" if "+" in script else ""),
         "--seed",
         str(seed),
         "--output-dir",
@@ -144,6 +173,11 @@ def run_command(args, label, seed):
         *shlex.split(args.extra),
         *flags,
     ]
+
+
+def shown_command(cmd):
+    """A run's command as the records keep it: relative to the repository, no machine's paths in it."""
+    return shlex.join(["python", os.path.relpath(cmd[1], REPO), *cmd[2:]])
 
 
 def run_child(cmd, env=None):
@@ -175,7 +209,7 @@ def run_one(args, label, seed):
     cmd = run_command(args, label, seed)
     wall, peak_rss = run_child(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     with open(os.path.join(out, "runner.json"), "w") as f:  # written last: marks the run as finished
-        json.dump({"command": shlex.join(cmd), "wall_s": wall, "peak_rss_mib": peak_rss}, f)
+        json.dump({"command": shown_command(cmd), "wall_s": wall, "peak_rss_mib": peak_rss}, f)
     print(f"done: {label} (seed {seed}) in {wall:.0f} s", flush=True)
 
 
@@ -314,6 +348,7 @@ def summarise(args, labels):
         "command": "python benchmarks/compare.py " + shlex.join(command),
         "seeds": args.seeds,
         "extra": args.extra,
+        "gold_thresholds": args.gold_thresholds,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {args.parallel} run(s) at a time, 1 thread each",
         "runs": {},
     }
@@ -395,6 +430,7 @@ def write_table(summary, path):
         f"episodes-to-reach column uses {label0}'s final mean proxy score and largest final KL.",
         "",
     ]
+    lines += threshold_table(summary) if summary["gold_thresholds"] else []
     if any(run["gao_fit"] for run in runs.values()):
         lines += [
             "Gao et al. fit of the gold score gain over the start, R(d) = d (a - b log d), d = sqrt(KL), "
@@ -437,6 +473,33 @@ def write_table(summary, path):
         ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def threshold_table(summary):
+    """Per run and gold threshold: the first evaluated episode at which each seed's gold score reaches it, and
+    its KL there (evaluations are --eval-every apart, so a crossing is known to that resolution)."""
+    thresholds = summary["gold_thresholds"]
+    lines = [
+        "Episodes until a seed's evaluation first reaches each gold score (the KL there); the mean of episodes "
+        "counts only seeds that reach it:",
+        "",
+        "| run | " + " | ".join(f"episodes to gold {t:g} | KL there" for t in thresholds) + " |",
+        "|" + " --- |" * (1 + 2 * len(thresholds)),
+    ]
+    for label, run in summary["runs"].items():
+        cells = []
+        for t in thresholds:
+            hits = [
+                next((e for e in s["evals"] if e.get("eval/gold_scores", -math.inf) >= t), None) for s in run["seeds"]
+            ]
+            reached = [e for e in hits if e is not None]
+            episodes = ", ".join(str(e["episode"]) if e else "never" for e in hits)
+            cells.append(
+                f"{episodes} (mean {mean_spread([e['episode'] for e in reached], 0)})" if reached else episodes
+            )
+            cells.append(", ".join(f"{e['eval/kl']:.1f}" if e else "-" for e in hits))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(summary, folder):
@@ -543,6 +606,7 @@ if __name__ == "__main__":
         best_of_n_args(args, args.seeds[0])  # a flag it cannot read fails now, not after the runs
     labels = expand_runs(args)
     os.makedirs(os.path.join(args.output_dir, "runs"), exist_ok=True)
+    write_patched_scripts(args)
     jobs = [(label, seed) for label in labels for seed in args.seeds]
     print(f"{len(jobs)} runs, {args.parallel} at a time; report in {args.output_dir}", flush=True)
     pool = ThreadPoolExecutor(args.parallel)
