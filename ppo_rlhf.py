@@ -37,11 +37,8 @@ transformers.utils.logging.disable_progress_bar()  # keep the output to our own 
 
 @dataclass
 class Args:
-    """Fine-tune a causal LM against a reward model with a KL penalty to its frozen initial self.
-
-    The defaults train the built-in tinyworld (a tiny SFT policy, proxy and gold reward models, prompts) on a CPU.
-    Each flag's line below is its help; the README's flag table says more.
-    """
+    """Fine-tune a causal LM against a reward model with a KL penalty to its frozen initial self. The defaults train
+    the built-in tinyworld (a tiny SFT policy, proxy and gold RMs, prompts) on a CPU; the README says more."""
 
     exp_name: str = os.path.basename(__file__).removesuffix(".py")  # the name of this experiment
     seed: int = 1  # seed of the experiment (value heads, prompt order, sampling)
@@ -326,8 +323,7 @@ RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "INCOMPLETE
 
 
 def check_args(args, algo_ranges):
-    """Refuse bad flags (numbers out of their interval or not finite, budgets that do not divide) and an output
-    folder that holds something, before anything is loaded."""
+    """Before anything loads, refuse bad flags (out of range, not finite, budgets that do not divide, a used folder)."""
     signal.signal(signal.SIGINT, lambda *_: fail("interrupted by Ctrl-C before training; nothing was written"))
     for interval, names in [*COMMON_RANGES.items(), *algo_ranges.items()]:
         low, high = (float(x) for x in interval[1:-1].split(","))
@@ -404,8 +400,7 @@ def next_prompt_indices(order, n, num_prompts):
     """The next n indices of a prompt stream that reshuffles all prompts on every pass; consumes `order`."""
     while len(order) < n:
         order += random.sample(range(num_prompts), num_prompts)
-    batch = order[:n]
-    del order[:n]
+    batch, order[:n] = order[:n], []
     return batch
 
 

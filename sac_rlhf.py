@@ -1,11 +1,11 @@
 """SAC for RLHF: discrete token-level Soft Actor-Critic with a KL penalty to a frozen reference.
 
 State: prompt + response so far; action: the next token; reward: the RM score (after the missing-EOS penalty) at
-the last token, 0 before. SAC maximises E[sum_t r_t + alpha H(pi(.|s_t)) - beta KL(pi(.|s_t) || pi_ref(.|s_t))],
-beta = --kl-coef. The critic gives Q(s, .) over the whole vocabulary (twin heads on the reward model's backbone, a
-Polyak-averaged target copy), so soft values and the policy loss are exact sums over the vocabulary; that loss is
-minimised by pi proportional to pi_ref^(beta / (alpha + beta)) exp(Q / (alpha + beta)). Rollouts go into a replay
-buffer of whole responses; gradient steps on samples from it use n-step targets (off-policy).
+the last token. SAC maximises E[sum_t r_t + alpha H(pi(.|s_t)) - beta KL(pi(.|s_t) || pi_ref(.|s_t))], beta =
+--kl-coef. Twin critics on a copy of the RM (and a Polyak-averaged target) give Q(s, .) over the whole vocabulary,
+so soft values and the policy loss are exact sums over it; the loss is minimised by pi proportional to
+pi_ref^(beta / (alpha + beta)) exp(Q / (alpha + beta)). Responses go into a replay buffer; gradient steps on samples
+from it use n-step targets (off-policy).
 
 Papers: SAC (Haarnoja et al. 2018, https://arxiv.org/abs/1801.01290; 2018b, https://arxiv.org/abs/1812.05905);
 discrete SAC (Christodoulou 2019, https://arxiv.org/abs/1910.07207); KL-regularised soft RL (Fox et al. 2016,
@@ -42,11 +42,8 @@ transformers.utils.logging.disable_progress_bar()  # keep the output to our own 
 
 @dataclass
 class Args:
-    """Fine-tune a causal LM against a reward model with a KL penalty to its frozen initial self.
-
-    The defaults train the built-in tinyworld (a tiny SFT policy, proxy and gold reward models, prompts) on a CPU.
-    Each flag's line below is its help; the README's flag table says more.
-    """
+    """Fine-tune a causal LM against a reward model with a KL penalty to its frozen initial self. The defaults train
+    the built-in tinyworld (a tiny SFT policy, proxy and gold RMs, prompts) on a CPU; the README says more."""
 
     exp_name: str = os.path.basename(__file__).removesuffix(".py")  # the name of this experiment
     seed: int = 1  # seed of the experiment (value heads, prompt order, sampling)
@@ -111,12 +108,11 @@ ALGO_RANGES = {  # the allowed interval of each numeric flag of this algorithm (
 
 
 class SoftQNetwork(torch.nn.Module):
-    """Twin soft Q-functions over the vocabulary on one backbone from the reward model, in dueling form (Wang et al.
-    2016): Q_j(s, a) = b(s) + A_j(s, a), b the RM's score head read at s, A_j started near 0. So Q(s, .) starts flat
-    (the policy's optimum is pi_ref) and an untried token inherits its state's value, not 0. Different tiny starts
-    keep the twins apart, so min_j Q_j is pessimistic where they disagree (Fujimoto et al. 2018). A_j is factored
-    through fixed token vectors e_a (rows of pi_ref's output embeddings), A_j(s, a) = e_a . W_j h(s) / |e_a|: new
-    parameters 2 x hidden x hidden, not 2 x hidden x vocab; with token_vectors None it is a vocab-wide head."""
+    """Twin soft Q-functions over the vocabulary on a trained copy of the RM, in dueling form (Wang et al. 2016):
+    Q_j(s, a) = b(s) + A_j(s, a), b the RM's score head at s, A_j started near 0, so Q(s, .) starts flat (the optimum
+    is pi_ref) and an untried token inherits its state's value. Different tiny starts keep the twins apart: min_j Q_j
+    is pessimistic where they disagree (Fujimoto et al. 2018). A_j is a head as wide as the vocabulary, or factored
+    through pi_ref's output embeddings e_a: A_j(s, a) = e_a . W_j h(s) / |e_a|, 2 x hidden x d new parameters."""
 
     def __init__(self, reward_model, vocab_size, token_vectors=None):
         super().__init__()
@@ -134,82 +130,63 @@ class SoftQNetwork(torch.nn.Module):
         baseline = self.model.score(hidden)  # [batch, time, 1]
         advantage = self.advantage(hidden).view(*hidden.shape[:2], 2, -1)  # [batch, time, 2, vocab or d]
         if self.token_vectors is not None:  # unit token vectors, so every token's A_j moves at the same rate
-            advantage = (advantage @ self.token_vectors.T) / self.token_vectors.norm(dim=1)  # [batch, time, 2, vocab]
+            norms = self.token_vectors.norm(dim=1).clamp(min=1e-8)  # an all-zero row (e.g. a pad id's) gets A_j = 0
+            advantage = (advantage @ self.token_vectors.T) / norms  # [batch, time, 2, vocab]
         return baseline.unsqueeze(-1) + advantage
 
 
-class ReplayBuffer:
-    """Whole responses (prompt ids, response ids, score), first in, first out; a sample is re-padded."""
+class ReplayBuffer(list):
+    """A list of whole responses (prompt ids, response ids, score), first in, first out; a sample is re-padded."""
 
     def __init__(self, capacity):
-        self.capacity, self.items, self.next = capacity, [], 0
-
-    def __len__(self):
-        return len(self.items)
+        super().__init__()
+        self.capacity, self.next = capacity, 0
 
     def add(self, query, query_mask, responses, mask, scores):
         for i in range(len(query)):  # only the real tokens: padding is rebuilt for each sampled minibatch
             item = (query[i][query_mask[i].bool()].tolist(), responses[i][mask[i].bool()].tolist(), scores[i].item())
-            self.items[self.next : self.next + 1] = [item]  # append until full, then overwrite the oldest
+            self[self.next : self.next + 1] = [item]  # append until full, then overwrite the oldest
             self.next = (self.next + 1) % self.capacity
 
     def sample(self, n, pad_id, device):
         """n distinct responses, uniformly: left-padded prompts, right-padded responses, mask and scores."""
-        items = random.sample(self.items, n)
+        items = random.sample(self, n)
         query, query_mask = left_pad([x[0] for x in items], pad_id, device)
-        width = max(len(x[1]) for x in items)
-        responses = torch.tensor([x[1] + [pad_id] * (width - len(x[1])) for x in items], device=device)
-        mask = torch.tensor([[1.0] * len(x[1]) + [0.0] * (width - len(x[1])) for x in items], device=device)
-        return query, query_mask, responses, mask, torch.tensor([x[2] for x in items], device=device)
-
-
-def soft_bonus(logp, ref_logp, alpha, beta):
-    """Per state: sum_a pi(a|s) [-(alpha + beta) log pi(a|s) + beta log pi_ref(a|s)], i.e. alpha H(pi) - beta KL."""
-    return (logp.exp() * (-(alpha + beta) * logp + beta * ref_logp)).sum(-1)
-
-
-def shift(x, i):
-    """x[:, t + i] at column t, and 0 past the end."""
-    return torch.cat([x[:, i:], torch.zeros_like(x[:, :i])], dim=1) if i > 0 else x
-
-
-def n_step_targets(rewards, bonuses, values, mask, gamma, n):
-    """y_t = sum_{i<n} g^i r_{t+i} + sum_{1<=i<n} g^i bonus(s_{t+i}) + g^n V(s_{t+n}), 0 past the last real token
-    (the episode's end). bonus(s) = alpha H - beta KL at s under the current policy (Haarnoja et al. 2018, eq. 3).
-    For n > 1 the target follows the buffer's older tokens for n - 1 steps with no importance correction (as in
-    Rainbow): a bias that vanishes for n = 1 and for fresh data."""
-    rewards, bonuses, values = rewards * mask, bonuses * mask, values * mask  # nothing after the end
-    targets = torch.zeros_like(rewards)
-    for i in range(n):
-        targets += gamma**i * shift(rewards, i)
-        if i > 0:
-            targets += gamma**i * shift(bonuses, i)
-    return (targets + gamma**n * shift(values, n)) * mask
+        responses, mask = (t.flip(1) for t in left_pad([x[1][::-1] for x in items], pad_id, device))  # right-padded
+        return query, query_mask, responses, mask.float(), torch.tensor([x[2] for x in items], device=device)
 
 
 def sac_policy_loss(logp, ref_logp, q_min, alpha, beta, mask):
     """Mean over states of sum_a pi(a|s) [(alpha + beta) log pi(a|s) - beta log pi_ref(a|s) - min_j Q_j(s, a)], exact
     over the vocabulary (Christodoulou 2019): per state (alpha + beta) KL(pi || pi*) + const, minimised by
     pi* proportional to pi_ref^(beta / (alpha + beta)) exp(Q / (alpha + beta))."""
-    per_state = (logp.exp() * ((alpha + beta) * logp - beta * ref_logp - q_min)).sum(-1)
-    return masked_mean(per_state, mask)
+    return masked_mean((logp.exp() * ((alpha + beta) * logp - beta * ref_logp - q_min)).sum(-1), mask)
 
 
 @torch.no_grad()
 def critic_targets(q_target_all, logp, ref_logp, scores, mask, alpha, beta, gamma, n):
-    """The critic's n-step soft targets [batch, time] from the target critic's Q_j(s, .) [batch, time, 2, vocab], with
-    the exact soft value V(s) = sum_a pi(a|s) [min_j Qbar_j(s, a) - (alpha + beta) log pi(a|s) + beta log pi_ref(a|s)]
-    (pessimistic min_j: Fujimoto et al. 2018); the reward is the score at the last token."""
-    bonuses = soft_bonus(logp, ref_logp, alpha, beta)
+    """n-step soft targets [batch, time] (0 past the episode's end, its last real token, where the reward is the score):
+    y_t = sum_{i<n} g^i r_{t+i} + sum_{1<=i<n} g^i bonus(s_{t+i}) + g^n V(s_{t+n}), bonus = alpha H - beta KL under pi
+    (Haarnoja et al. 2018, eq. 3), V(s) = sum_a pi(a|s) [min_j Qbar_j(s, a) - (alpha + beta) log pi(a|s) + beta log
+    pi_ref(a|s)] exact from the target critic's Q_j(s, .) [batch, time, 2, vocab] (pessimistic min_j: Fujimoto et al.
+    2018). For n > 1 the target follows the buffer's older tokens for n - 1 steps with no importance correction (as in
+    Rainbow): a bias that vanishes for n = 1 and for fresh data."""
+    bonuses = (logp.exp() * (-(alpha + beta) * logp + beta * ref_logp)).sum(-1)  # alpha H(pi) - beta KL, per state
     values = (logp.exp() * q_target_all.min(2).values).sum(-1) + bonuses
     rewards = torch.zeros_like(mask)
     rewards[torch.arange(len(mask)), mask.sum(1).long() - 1] = scores
-    return n_step_targets(rewards, bonuses, values, mask, gamma, n)
+    width = mask.shape[1]  # below, x[:, t + i] sits at column t of x[:, i : i + width], and is 0 past the end
+    rewards, bonuses, values = (torch.nn.functional.pad(x * mask, (0, n)) for x in (rewards, bonuses, values))
+    targets = torch.zeros_like(mask)
+    for i in range(n):
+        targets += gamma**i * rewards[:, i : i + width]
+        if i > 0:
+            targets += gamma**i * bonuses[:, i : i + width]
+    return (targets + gamma**n * values[:, n : n + width]) * mask
 
 
 def critic_loss(q_all, responses, targets, mask):
-    """Both heads' squared errors on the taken tokens, summed, averaged over states (Haarnoja et al. 2018, eq. 5).
-    Returns (loss, its statistics)."""
+    """Both heads' squared errors on the taken tokens, summed, averaged over states (Haarnoja et al. 2018, eq. 5)."""
     q_taken = q_all.gather(-1, responses[:, :, None, None].expand(-1, -1, 2, 1)).squeeze(-1)  # [batch, time, 2]
     loss = masked_mean(((q_taken - targets.unsqueeze(-1)) ** 2).sum(-1), mask)
     return loss, {"loss/q": loss.item(), "sac/q_mean": masked_mean(q_taken.detach().min(-1).values, mask).item()}
@@ -346,8 +323,7 @@ RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "INCOMPLETE
 
 
 def check_args(args, algo_ranges):
-    """Refuse bad flags (numbers out of their interval or not finite, budgets that do not divide) and an output
-    folder that holds something, before anything is loaded."""
+    """Before anything loads, refuse bad flags (out of range, not finite, budgets that do not divide, a used folder)."""
     signal.signal(signal.SIGINT, lambda *_: fail("interrupted by Ctrl-C before training; nothing was written"))
     for interval, names in [*COMMON_RANGES.items(), *algo_ranges.items()]:
         low, high = (float(x) for x in interval[1:-1].split(","))
@@ -424,8 +400,7 @@ def next_prompt_indices(order, n, num_prompts):
     """The next n indices of a prompt stream that reshuffles all prompts on every pass; consumes `order`."""
     while len(order) < n:
         order += random.sample(range(num_prompts), num_prompts)
-    batch = order[:n]
-    del order[:n]
+    batch, order[:n] = order[:n], []
     return batch
 
 
@@ -626,9 +601,8 @@ if __name__ == "__main__":
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
     eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
-    # The critic: a trained copy of the RM; its Q(s, .) is as wide as the policy's logits (maybe > len(tokenizer)).
     reward_copy = load_reward_model(args.reward_model_name, "--reward-model-name", torch.float32, device)
-    tokens = ref_policy.get_output_embeddings().weight.detach()  # shares pi_ref's storage (and its resets)
+    tokens = ref_policy.get_output_embeddings().weight.detach()  # [vocab (maybe > len(tokenizer)), d], pi_ref's storage
     critic = SoftQNetwork(reward_copy, len(tokens), tokens if args.critic == "factored" else None).to(device).eval()
     critic_target = copy.deepcopy(critic, memo={id(tokens): tokens}).requires_grad_(False)  # one copy of tokens
     params, q_params = list(policy.parameters()), list(critic.parameters())
@@ -637,13 +611,13 @@ if __name__ == "__main__":
     q_optimizer = torch.optim.AdamW(q_params, lr=args.q_learning_rate, eps=1e-5, weight_decay=0.0)
     # alpha = exp(log_alpha) stays positive while tuned; with --no-autotune it is the constant --alpha (maybe 0).
     log_alpha = torch.tensor(float(args.alpha), device=device).clamp(min=1e-30).log().requires_grad_(args.autotune)
-    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_learning_rate) if args.autotune else None
+    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_learning_rate)  # steps only with --autotune
+    optimizers = [(optimizer, params), (q_optimizer, q_params)] + ([(alpha_optimizer, [])] if args.autotune else [])
     # fp16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     logger = RunLogger(args, run_name)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     num_updates = args.total_episodes // args.batch_size
-    kl_coef = args.kl_coef
     buffer = ReplayBuffer(args.buffer_size)
     episode, next_eval, order = 0, args.eval_every, []
     time_rollout = time_update = 0.0
@@ -655,9 +629,8 @@ if __name__ == "__main__":
         # Linear learning-rate decay to 0 over the run, as in the PPO script (the critic's and alpha's alongside).
         lr = args.learning_rate * (1.0 - (update - 1.0) / num_updates)
         optimizer.param_groups[0]["lr"] = lr
-        q_optimizer.param_groups[0]["lr"] = args.q_learning_rate * lr / args.learning_rate
-        if alpha_optimizer is not None:  # alpha's learning rate is the critic's
-            alpha_optimizer.param_groups[0]["lr"] = q_optimizer.param_groups[0]["lr"]
+        for opt in [q_optimizer, alpha_optimizer]:
+            opt.param_groups[0]["lr"] = args.q_learning_rate * lr / args.learning_rate
 
         # ROLLOUT: a batch of prompts (reshuffled each pass over the data), one response each, into the buffer.
         t0 = time.time()
@@ -684,13 +657,12 @@ if __name__ == "__main__":
                 ref_logp = forward_logp_all(ref_policy, *states, args.temperature, autocast)
                 q_target = critic_target(*states, autocast)
             targets = critic_targets(
-                q_target, logp.detach(), ref_logp, mb_scores, mb_mask, alpha, kl_coef, args.gamma, args.n_step
+                q_target, logp.detach(), ref_logp, mb_scores, mb_mask, alpha, args.kl_coef, args.gamma, args.n_step
             )
             q_loss, q_stats = critic_loss(q_all, mb_responses, targets, mb_mask)
             # Actor: the exact expectation over the vocabulary against the (fixed) pessimistic Q.
-            policy_loss = sac_policy_loss(logp, ref_logp, q_all.detach().min(2).values, alpha, kl_coef, mb_mask)
-            # Alpha: up when the entropy is below the target, down otherwise (Christodoulou 2019, eq. 11, exact). The
-            # target is relative to pi_ref's entropy at the same states, not log |V| (a nearly uniform policy).
+            policy_loss = sac_policy_loss(logp, ref_logp, q_all.detach().min(2).values, alpha, args.kl_coef, mb_mask)
+            # Alpha: up when the entropy is below a fraction of pi_ref's at these states (Christodoulou 2019, eq. 11).
             with torch.no_grad():
                 policy_entropy = masked_mean(-(logp.exp() * logp).sum(-1), mb_mask)
                 ref_entropy = masked_mean(-(ref_logp.exp() * ref_logp).sum(-1), mb_mask)
@@ -699,15 +671,12 @@ if __name__ == "__main__":
             loss = q_loss + policy_loss + alpha_loss  # disjoint parameters: one backward serves all three
             check_finite(loss, update)
             scaler.scale(loss).backward()
-            for opt, opt_params in [(optimizer, params), (q_optimizer, q_params)]:
+            for opt, opt_params in optimizers:  # alpha's gradient came through the same scaled backward; never clipped
                 if args.max_grad_norm is not None:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(opt_params, args.max_grad_norm)
-                scaler.step(opt)
+                scaler.step(opt)  # unscales what is still scaled, and skips the step when a gradient is inf or NaN
                 opt.zero_grad(set_to_none=True)
-            if alpha_optimizer is not None:  # alpha's gradient came through the same scaled backward
-                scaler.step(alpha_optimizer)  # unscales it, and skips the step when it is inf or NaN
-                alpha_optimizer.zero_grad(set_to_none=True)
             scaler.update()
             lerp_parameters(critic_target, critic, args.tau)  # Polyak averaging (Haarnoja et al. 2018)
             stats.append({"loss/policy": policy_loss.item(), "loss/alpha": alpha_loss.item(), **q_stats})
@@ -716,10 +685,9 @@ if __name__ == "__main__":
 
         # LOGGING: the common keys, the means of the update's statistics (none before learning starts), alpha.
         stats = {k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})}
-        alpha = log_alpha.exp().item() if args.autotune else args.alpha
-        stats |= {"sac/alpha": alpha, "sac/buffer_size": len(buffer)}
+        stats |= {"sac/alpha": log_alpha.exp().item() if args.autotune else args.alpha, "sac/buffer_size": len(buffer)}
         objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)
-        logger.log_train(episode, update, lr, kl_coef, objective, start_time, time_rollout, time_update, stats)
+        logger.log_train(episode, update, lr, args.kl_coef, objective, start_time, time_rollout, time_update, stats)
 
         if args.ref_sync_every > 0 and update % args.ref_sync_every == 0:
             lerp_parameters(ref_policy, policy, args.ref_sync_mix)

@@ -89,6 +89,8 @@ def check_args(args):
             fail(f"--runs: '{run}' must start with one of {', '.join(SCRIPTS)}")
         if patch and not (patch.startswith("experiments/") and os.path.isfile(os.path.join(REPO, patch))):
             fail(f"--runs: '{run}': {patch} is not a patch in this repository's experiments/ folder")
+        if patch:
+            apply_patch(script, patch, None)  # a dry run: a patch that no longer applies fails here
     for flags, flag in [(shlex.split(run)[1:], "--runs") for run in args.runs] + [(shlex.split(args.extra), "--extra")]:
         owned = [f for f in flags if f.split("=")[0] in RUNNER_FLAGS]
         if owned:
@@ -143,19 +145,23 @@ def script_path(args, script):
     return os.path.join(args.output_dir, "scripts", re.sub(r"[^A-Za-z0-9.]+", "_", script.removesuffix(".patch")))
 
 
+def apply_patch(script, patch, out):
+    """Write script with patch applied to out (None: only check that it applies); fail with patch's message."""
+    where = ["--dry-run"] if out is None else ["--output", out]
+    cmd = ["patch", "--quiet", "--force", *where, os.path.join(REPO, script), os.path.join(REPO, patch)]
+    result = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        fail(f"--runs: {patch} does not apply to {script} ({(result.stdout + result.stderr).strip()[:300]})")
+
+
 def write_patched_scripts(args):
-    """Apply each run's patch to a copy of its script; fail with patch's message when it no longer applies."""
+    """Each patched run's script in <output-dir>/scripts/, beside a link to the tinyworld (the scripts look there)."""
     os.makedirs(os.path.join(args.output_dir, "scripts"), exist_ok=True)
-    tinyworld = os.path.join(args.output_dir, "scripts", "tinyworld")  # the scripts look for it beside themselves
+    tinyworld = os.path.join(args.output_dir, "scripts", "tinyworld")
     if not os.path.lexists(tinyworld):
         os.symlink(os.path.join(REPO, "tinyworld"), tinyworld)
     for script in {shlex.split(run)[0] for run in args.runs if "+" in shlex.split(run)[0]}:
-        base, patch = script.split("+")
-        out = script_path(args, script) + ".py"
-        cmd = ["patch", "--quiet", "--output", out, os.path.join(REPO, base), os.path.join(REPO, patch)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            fail(f"--runs: {patch} does not apply to {base} ({(result.stdout + result.stderr).strip()[:300]})")
+        apply_patch(*script.split("+"), script_path(args, script) + ".py")
 
 
 def run_command(args, label, seed):

@@ -71,9 +71,22 @@ def test_kl_sweep_expands_every_run_once_per_coefficient():
 
 def test_runner_end_to_end_on_a_tiny_budget(tmp_path):
     out = tmp_path / "report"
-    runs = ["rloo_rlhf.py", "sac_rlhf.py --n-step 2"]
+    runs = ["rloo_rlhf.py", "sac_rlhf.py --n-step 2", "sac_rlhf.py+experiments/sac_critic_lm.patch --critic lm"]
+    thresholds = ["--gold-thresholds", "-0.2", "0.1"]
     result = run_compare(
-        "--runs", *runs, "--seeds", "1", "2", f"--extra={TINY}", "--best-of-n", "1", "2", "4", "--output-dir", str(out)
+        "--runs",
+        *runs,
+        "--seeds",
+        "1",
+        "2",
+        f"--extra={TINY}",
+        "--best-of-n",
+        "1",
+        "2",
+        "4",
+        *thresholds,
+        "--output-dir",
+        str(out),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for png in ["scores.png", "kl.png", "entropy.png"]:
@@ -99,6 +112,22 @@ def test_runner_end_to_end_on_a_tiny_budget(tmp_path):
         assert row.split(" | ")[1] == f"{sum(proxy) / 2:.2f} ± {abs(proxy[0] - proxy[1]) / 2:.2f}"
     command = json.loads((out / "runs" / "sac_n_step_2__1" / "runner.json").read_text())["command"]
     assert command.endswith("--n-step 2") and "--total-episodes 32" in command  # --extra, then the run's own flags
+    assert command.startswith("python sac_rlhf.py ") and str(REPO) not in command  # no machine's paths in the records
+    # A patched run: the script of experiments/, applied to a copy in the report folder, ran with its own flag.
+    patched = json.loads(
+        (out / "runs" / "sac_experiments_sac_critic_lm.patch_critic_lm__2" / "runner.json").read_text()
+    )
+    assert (
+        patched["command"].endswith("--critic lm")
+        and (out / "scripts" / "sac_rlhf.py_experiments_sac_critic_lm.py").exists()
+    )
+    # The thresholds table: per seed, the first evaluation whose gold score reaches the threshold, and its KL.
+    for label, run in summary["runs"].items():
+        row = next(line for line in table.split("Episodes until")[1].splitlines() if line.startswith(f"| {label} |"))
+        for t in [-0.2, 0.1]:
+            hits = [next((e for e in s["evals"] if e["eval/gold_scores"] >= t), None) for s in run["seeds"]]
+            assert ", ".join(str(e["episode"]) if e else "never" for e in hits) in row
+            assert ", ".join(f"{e['eval/kl']:.1f}" if e else "-" for e in hits) in row
     bon = summary["best_of_n"]
     assert [r["n"] for r in bon] == [1, 2, 4]
     assert [r["kl"] for r in bon] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
@@ -206,6 +235,8 @@ def test_a_failing_run_stops_the_comparison_with_its_error(tmp_path):
         (["--best-of-n", "2", "3", "6"], "--best-of-n"),  # 2 does not divide 3: groups would not nest
         (["--best-of-n", "1", "2", "--extra=--gamma 0.9"], "--best-of-n"),  # a flag RLOO (and the baseline) lacks
         (["--parallel", "0"], "--parallel"),
+        (["--runs", "sac_rlhf.py+README.md"], "--runs"),  # a patch must come from experiments/
+        (["--runs", "ppo_rlhf.py+experiments/sac_critic_lm.patch"], "does not apply"),  # checked before any run
     ],
 )
 def test_bad_flags_fail_before_anything_runs(tmp_path, flags, named):

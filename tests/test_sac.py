@@ -1,5 +1,5 @@
-"""sac_rlhf.py: soft value, critic targets and policy loss against brute-force loops over the vocabulary, the
-policy loss's minimiser, the replay buffer and target updates, and convergence to the KL-regularised optimum."""
+"""sac_rlhf.py: critic targets and policy loss against brute-force loops over the vocabulary, the policy loss's
+minimiser, both critic designs, the replay buffer and target updates; convergence to pi* is in test_convergence.py."""
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ def random_distributions(shape, seed):
 # Soft value, critic targets, policy loss: plain loops over states, heads and vocabulary
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("alpha,beta", [(0.0, 0.1), (0.3, 0.05), (0.2, 0.0)])
-def test_policy_loss_and_soft_bonus_match_loops_over_the_vocabulary(alpha, beta):
+def test_policy_loss_matches_a_loop_over_the_vocabulary(alpha, beta):
     """(The soft value is checked through critic_targets, against the textbook formula, below.)"""
     B, T, V = 3, 4, 7
     logp, ref_logp = random_distributions((B, T, V), 0), random_distributions((B, T, V), 1)
@@ -39,55 +39,38 @@ def test_policy_loss_and_soft_bonus_match_loops_over_the_vocabulary(alpha, beta)
     assert sac.sac_policy_loss(logp, ref_logp, q_min, alpha, beta, mask).item() == pytest.approx(
         total / count, abs=1e-5
     )
-    # soft_bonus is alpha H - beta KL, per state.
-    entropy = -(logp.exp() * logp).sum(-1)
-    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
-    torch.testing.assert_close(sac.soft_bonus(logp, ref_logp, alpha, beta), alpha * entropy - beta * kl)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 6])
-def test_n_step_targets_match_a_plain_loop_with_episode_ends(n):
-    """y_t = sum_{i<n} g^i r_{t+i} + sum_{1<=i<n} g^i bonus_{t+i} + g^n V_{t+n}; nothing past the last real token."""
-    g = torch.Generator().manual_seed(n)
-    lengths, T, gamma = [5, 3, 1, 4], 5, 0.9
-    rewards, bonuses, values = (torch.randn(4, T, generator=g) for _ in range(3))
-    mask = torch.tensor([[1.0] * L + [0.0] * (T - L) for L in lengths])
-    got = sac.n_step_targets(rewards, bonuses, values, mask, gamma, n)
-    for b, L in enumerate(lengths):
-        for t in range(T):
-            if t >= L:
-                assert got[b, t] == 0
-                continue
-            y = 0.0
-            for i in range(n):
-                if t + i < L:  # done at t + i = L - 1: the episode (and its rewards) stop there
-                    y += gamma**i * rewards[b, t + i].item() + (gamma**i * bonuses[b, t + i].item() if i > 0 else 0.0)
-            if t + n < L:
-                y += gamma**n * values[b, t + n].item()
-            assert got[b, t].item() == pytest.approx(y, abs=1e-5), (b, t)
-
-
-def test_one_step_critic_target_is_r_plus_gamma_not_done_times_the_soft_value():
-    """critic_targets with n = 1, against the textbook formula written out over the vocabulary."""
-    B, T, V, alpha, beta, gamma = 2, 3, 5, 0.1, 0.2, 0.95
+@pytest.mark.parametrize("n", [1, 2, 3, 6])  # 6: longer than the responses
+def test_critic_targets_match_the_textbook_formula_written_out_over_the_vocabulary(n):
+    """y_t = r_t + sum_{1<=i<n} g^i [r + alpha H(pi) - beta KL(pi || pi_ref)](s_{t+i}) + g^n V(s_{t+n}), with
+    V(s) = sum_a pi(a|s) [min_j Qbar_j(s, a) - (alpha + beta) log pi(a|s) + beta log pi_ref(a|s)]; the episode ends
+    at its last real token, where the reward is the score (n = 1: r + gamma (1 - done) V(s'))."""
+    B, T, V, alpha, beta, gamma = 2, 4, 5, 0.1, 0.2, 0.95
     logp, ref_logp = random_distributions((B, T, V), 3), random_distributions((B, T, V), 4)
     q_target = torch.randn(B, T, 2, V, generator=torch.Generator().manual_seed(5))
-    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
-    rewards = torch.tensor([[0.0, 0, 1.5], [0, -2.0, 0]])  # the score at the last real token
-    got = sac.critic_targets(q_target, logp, ref_logp, torch.tensor([1.5, -2.0]), mask, alpha, beta, gamma, 1)
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    rewards = torch.tensor([[0.0, 0, 0, 1.5], [0, -2.0, 0, 0]])  # the score at the last real token
+    got = sac.critic_targets(q_target, logp, ref_logp, torch.tensor([1.5, -2.0]), mask, alpha, beta, gamma, n)
+
+    def bonus(b, t):  # alpha H - beta KL at s_t
+        p, lp, lr = logp[b, t].exp(), logp[b, t], ref_logp[b, t]
+        return sum(p[a] * (-(alpha + beta) * lp[a] + beta * lr[a]) for a in range(V)).item()
+
+    def value(b, t):
+        q_min = [min(q_target[b, t, 0, a], q_target[b, t, 1, a]).item() for a in range(V)]
+        return sum(logp[b, t, a].exp().item() * q_min[a] for a in range(V)) + bonus(b, t)
+
     for b in range(B):
         L = int(mask[b].sum())
-        for t in range(L):
-            done = t == L - 1
-            v_next = 0.0
-            if not done:
-                p, lp, lr = logp[b, t + 1].exp(), logp[b, t + 1], ref_logp[b, t + 1]
-                v_next = sum(
-                    p[a]
-                    * (min(q_target[b, t + 1, 0, a], q_target[b, t + 1, 1, a]) - (alpha + beta) * lp[a] + beta * lr[a])
-                    for a in range(V)
-                ).item()
-            assert got[b, t].item() == pytest.approx(rewards[b, t].item() + gamma * (1 - done) * v_next, abs=1e-5)
+        for t in range(T):
+            want = 0.0
+            for i in range(n):
+                if t + i < L:
+                    want += gamma**i * (rewards[b, t + i].item() + (bonus(b, t + i) if i > 0 else 0.0))
+            if t + n < L:
+                want += gamma**n * value(b, t + n)
+            assert got[b, t].item() == pytest.approx(want if t < L else 0.0, abs=1e-5), (n, b, t)
 
 
 @pytest.mark.parametrize("alpha,beta", [(0.0, 0.1), (0.05, 0.1), (0.5, 0.05)])
@@ -122,7 +105,7 @@ def test_replay_buffer_keeps_the_newest_whole_responses_and_repads_them():
         mask = torch.tensor([[1.0, 1, 0], [1, 1, 1]])
         buffer.add(query, query_mask, responses, mask, torch.tensor([float(k), 10.0 + k]))
         assert len(buffer) == min(4, 2 * (k + 1))
-    assert sorted(x[2] for x in buffer.items) == [1.0, 2.0, 11.0, 12.0]
+    assert sorted(x[2] for x in buffer) == [1.0, 2.0, 11.0, 12.0]
     query, query_mask, responses, mask, scores = buffer.sample(4, pad, "cpu")
     assert sorted(scores.tolist()) == [1.0, 2.0, 11.0, 12.0]  # distinct responses
     for i, s in enumerate(scores.tolist()):
@@ -149,15 +132,17 @@ def test_polyak_update_of_the_target_critic():
         torch.testing.assert_close(t, s)
 
 
-def test_critic_starts_at_the_prefix_score_for_every_token_and_ignores_left_padding(world):
+@pytest.mark.parametrize("design", ["heads", "factored"])
+def test_critic_starts_at_the_prefix_score_for_every_token_and_ignores_left_padding(design, world):
     """Q_j(s_t, a) = RM score of s_t + a tiny advantage: pi* = pi_ref at the start, on every architecture."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(world.policy)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    vocab = AutoModelForCausalLM.from_pretrained(world.policy).get_output_embeddings().weight.shape[0]
+    tokens = AutoModelForCausalLM.from_pretrained(world.policy).get_output_embeddings().weight.detach()
+    vocab = len(tokens)
     rm = AutoModelForSequenceClassification.from_pretrained(world.reward, dtype=torch.float32).eval()
-    critic = sac.SoftQNetwork(rm, vocab).eval()
+    critic = sac.SoftQNetwork(rm, vocab, tokens if design == "factored" else None).eval()
     prompts = [tok("the red cat")["input_ids"], tok("a dog")["input_ids"]]
     responses, resp_mask = torch.tensor([[7, 8, 9], [11, 12, 13]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
     results = []
@@ -185,6 +170,37 @@ def test_critic_starts_at_the_prefix_score_for_every_token_and_ignores_left_padd
                 if resp_mask[b, t]:
                     assert (q[b, t] - score[b]).abs().max() < 1e-3
         assert (q[..., 0, :] - q[..., 1, :]).abs().max() > 0  # the twins differ (zero starts would stay equal)
+
+
+def test_factored_advantage_is_the_unit_token_vector_times_a_state_vector_and_its_size_ignores_the_vocabulary(world):
+    """A_j(s, a) = e_a . (W_j h(s) + c_j) / |e_a|, checked by a loop over tokens; its new parameters (W_j, c_j) are
+    2 x hidden x d + 2 x d whatever the vocabulary, and the token vectors are not the critic's parameters."""
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(world.reward, dtype=torch.float32).eval()
+    hidden = rm.score.in_features
+    rm_params = sum(p.numel() for p in rm.parameters())
+    tokens = torch.randn(11, 6, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3.0, 11)[:, None]
+    tokens[3] = 0.0  # a token with no vector (e.g. a pad id's row) keeps its state's value: A_j = 0
+    critic = sac.SoftQNetwork(rm, 11, tokens).eval()
+    assert sum(p.numel() for p in critic.parameters()) - rm_params == 2 * hidden * 6 + 2 * 6
+    wider = sac.SoftQNetwork(rm, 1000, torch.randn(1000, 6))
+    assert sum(p.numel() for p in wider.parameters()) - rm_params == 2 * hidden * 6 + 2 * 6
+    with torch.no_grad():
+        critic.advantage.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+        critic.advantage.bias.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
+        query, query_mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
+        responses, resp_mask = torch.tensor([[8, 9]]), torch.ones(1, 2, dtype=torch.long)
+        q = critic(query, query_mask, responses, resp_mask, NO_AUTOCAST)
+        assert q.shape == (1, 2, 2, 11)
+        for t in range(2):  # the state before response token t: prompt + y_<t
+            ids = torch.cat([query, responses[:, :t]], dim=1)
+            h = sac.backbone_hidden(rm, ids, torch.ones_like(ids), ids[:, :0], ids[:, :0], NO_AUTOCAST)[0, -1]
+            for j in range(2):
+                state_vector = critic.advantage.weight[6 * j : 6 * j + 6] @ h + critic.advantage.bias[6 * j : 6 * j + 6]
+                for a in range(11):
+                    advantage = 0.0 if a == 3 else (tokens[a] @ state_vector / tokens[a].norm()).item()
+                    assert q[0, t, j, a].item() == pytest.approx(rm.score(h).item() + advantage, rel=1e-4, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +237,18 @@ def test_run_with_options_starts_learning_late_then_tunes_alpha(worlds, tmp_path
     assert "loss/q" not in train[0] and train[0]["sac/alpha"] == pytest.approx(0.1)
     assert train[1]["loss/q"] > 0 and train[1]["sac/alpha"] > 0.1  # entropy below target: alpha goes up
     assert train[1]["sac/entropy_target"] > train[1]["sac/policy_entropy"]
+
+
+def test_the_entropies_alpha_is_tuned_on_are_the_policys_and_the_references(worlds, tmp_path):
+    """At the first update the minibatch is the rollout itself (buffer = batch = minibatch) and pi = pi_ref, so the
+    policy entropy alpha is tuned on is the rollout's objective/entropy, and the target that times the scale."""
+    out = tmp_path / "run"
+    flags = [*worlds["llama"].args(), *TINY, "--buffer-size", "16", "--updates-per-rollout", "1"]
+    result = run_script("sac_rlhf.py", *flags, "--target-entropy-scale", "0.7", "--output-dir", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = next(r for r in read_jsonl(out / "metrics.jsonl") if "objective/entropy" in r)
+    assert first["sac/policy_entropy"] == pytest.approx(first["objective/entropy"], rel=1e-4)
+    assert first["sac/entropy_target"] == pytest.approx(0.7 * first["objective/entropy"], rel=1e-4)
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16"])
@@ -260,6 +288,32 @@ def test_alpha_gets_the_gradient_of_its_loss_through_the_gradient_scaler(precisi
     alpha_before = [0.1] + [r["sac/alpha"] for r in train[:-1]]
     want = [a * (r["sac/policy_entropy"] - r["sac/entropy_target"]) for a, r in zip(alpha_before, train)]
     assert len(alpha_grads) == 3 and alpha_grads == pytest.approx(want, rel=1e-3, abs=1e-7)
+
+
+def test_the_factored_critic_and_its_target_read_the_references_own_output_layer(worlds, tmp_path, monkeypatch):
+    """--critic factored: the critic and its target copy use pi_ref's output embeddings themselves (no copy of a
+    vocab-sized matrix, nothing trained), so they follow the reference's resets (--ref-sync-every)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    copies, deepcopy = [], copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda x, *a, **k: copies.append((x, deepcopy(x, *a, **k))) or copies[-1][1])
+    steps = record_optimizer_steps(monkeypatch)
+    flags = [*worlds["llama"].args(), *TINY, "--critic", "factored", "--ref-sync-every", "1"]
+    code, _, stderr = run_main("sac_rlhf.py", *flags, "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    critic, critic_target = next((x, y) for x, y in copies if hasattr(x, "token_vectors"))
+    assert critic.token_vectors is not None and critic_target.token_vectors is critic.token_vectors
+    critic_optimizer = next(
+        s["optimizer"]
+        for s in steps
+        if any(p is critic.advantage.weight for p in s["optimizer"].param_groups[0]["params"])
+    )
+    assert not any(p is critic.token_vectors for p in critic_optimizer.param_groups[0]["params"])
+    # Reset to the trained policy after every update, the reference's output layer moved, and the token vectors too.
+    start = AutoModelForCausalLM.from_pretrained(worlds["llama"].policy).get_output_embeddings().weight
+    assert critic.token_vectors.shape == start.shape and not torch.equal(critic.token_vectors, start)
 
 
 def test_the_target_critic_follows_the_critic_at_rate_tau(worlds, tmp_path, monkeypatch):

@@ -1,0 +1,134 @@
+"""Memory of SAC's critic designs at a real vocabulary size: parameters, optimizer state and peak memory per run.
+
+The fixture has Qwen2-0.5B's output layer (vocabulary 151,936, hidden 896, tied embeddings) on a two-layer body, and
+the tinyworld tokenizer and prompts (a model may have more logits than its tokenizer has tokens, as Qwen2's does).
+For each --critic design it reports, exactly, from the modules sac_rlhf.py builds:
+- the critic's new parameters (beyond its copy of the reward model) and all its trainable ones; the target copy;
+- AdamW's state after one critic step (two fp32 tensors per trainable parameter);
+- the size of one [batch, time, 2, vocab] fp32 Q tensor at the run's batch and response length;
+then runs sac_rlhf.py on the fixture with that critic (fixed-length responses, a few updates) as its own process:
+- peak RSS (CPU) and, on CUDA, the peak allocated GPU memory the script logs (memory/cuda_peak_gb).
+
+Usage: python benchmarks/sac_memory.py        (CPU: a few minutes, about 10 GiB of memory at the peak)
+"""
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+import tyro
+from compare import run_child  # benchmarks/ is on the path when this file runs
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, Qwen2Config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import sac_rlhf as sac  # noqa: E402 (the critic classes the script itself builds)
+
+
+@dataclass
+class Args:
+    critics: list[str] = field(default_factory=lambda: ["heads", "factored"])
+    """the --critic designs to measure"""
+    vocab_size: int = 151936
+    """the fixture's vocabulary (output layer width); Qwen2's"""
+    hidden_size: int = 896
+    """the fixture's hidden size; Qwen2-0.5B's"""
+    batch_size: int = 8
+    """responses per rollout and per gradient step"""
+    response_length: int = 16
+    """new tokens per response (fixed length)"""
+    updates: int = 2
+    """rollouts (each followed by --updates-per-rollout 1 gradient step)"""
+
+
+def build_fixture(args, folder):
+    """A policy and a reward model with the fixture's sizes, saved with the tinyworld tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO, "tinyworld", "sft"))
+    config = Qwen2Config(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    for name, auto_class in [("sft", AutoModelForCausalLM), ("reward_model", AutoModelForSequenceClassification)]:
+        config.num_labels = 1
+        auto_class.from_config(config).save_pretrained(os.path.join(folder, name))
+        tokenizer.save_pretrained(os.path.join(folder, name))
+
+
+def count_critic(args, folder, design):
+    """Parameter and AdamW-state counts of the critic sac_rlhf.py builds for `design` (as its main does)."""
+    ref_policy = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "sft"))
+    reward_copy = AutoModelForSequenceClassification.from_pretrained(os.path.join(folder, "reward_model"))
+    tokens = ref_policy.get_output_embeddings().weight.detach()
+    critic = sac.SoftQNetwork(reward_copy, len(tokens), tokens if design == "factored" else None)
+    trainable = sum(p.numel() for p in critic.parameters())
+    new = trainable - sum(p.numel() for p in reward_copy.parameters())
+    optimizer = torch.optim.AdamW(critic.parameters(), lr=1e-3, eps=1e-5, weight_decay=0.0)
+    query = torch.tensor([[1, 5, 6]])
+    q_all = critic(
+        query,
+        torch.ones_like(query),
+        torch.tensor([[7, 8]]),
+        torch.ones(1, 2, dtype=torch.long),
+        sac.contextlib.nullcontext(),
+    )
+    q_all.square().mean().backward()
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    q_bytes = args.batch_size * args.response_length * 2 * args.vocab_size * 4
+    return {"new": new, "trainable": trainable, "adam_bytes": state, "q_bytes": q_bytes}
+
+
+def run_design(args, folder, design):
+    """sac_rlhf.py with this critic on the fixture: its peak RSS and (on CUDA) peak allocated GPU memory."""
+    out = os.path.join(folder, f"run-{design}")
+    world = lambda name: os.path.join(REPO, "tinyworld", name)  # noqa: E731
+    cmd = [sys.executable, os.path.join(REPO, "sac_rlhf.py"), "--critic", design, "--output-dir", out]
+    cmd += ["--model-name", os.path.join(folder, "sft"), "--reward-model-name", os.path.join(folder, "reward_model")]
+    cmd += ["--gold-reward-model-name", "None", "--dataset", world("prompts_train.jsonl")]
+    cmd += ["--eval-dataset", world("prompts_eval.jsonl"), "--eval-size", "1", "--eval-every", str(10**9)]
+    cmd += ["--batch-size", str(args.batch_size), "--total-episodes", str(args.batch_size * args.updates)]
+    cmd += ["--response-length", str(args.response_length), "--no-stop-at-eos", "--updates-per-rollout", "1"]
+    cmd += ["--no-save-model"]
+    _, peak_rss = run_child(cmd)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        last = [r for r in map(json.loads, f) if "objective/scores" in r][-1]
+    return peak_rss, last.get("memory/cuda_peak_gb")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
+    print(
+        f"Fixture: vocabulary {args.vocab_size}, hidden {args.hidden_size}, 2 layers, tied embeddings; batch "
+        f"{args.batch_size}, {args.response_length}-token responses; {os.cpu_count()} CPU cores, "
+        f"{'CUDA: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
+    )
+    print(
+        "| --critic | new parameters | critic trainable parameters | target copy GiB | AdamW state GiB "
+        "| one Q tensor GiB | run peak RSS GiB | run peak CUDA GiB |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as folder:
+        build_fixture(args, folder)
+        for design in args.critics:
+            c = count_critic(args, folder, design)
+            peak_rss, cuda = run_design(args, folder, design)
+            print(
+                f"| {design} | {c['new'] / 1e6:.2f}M | {c['trainable'] / 1e6:.1f}M | {gib(4 * c['trainable'])} "
+                f"| {gib(c['adam_bytes'])} | {gib(c['q_bytes'])} | {peak_rss / 1024:.2f} "
+                f"| {'-' if cuda is None else f'{cuda:.2f}'} |",
+                flush=True,
+            )
