@@ -254,3 +254,12 @@ def test_an_existing_report_folder_is_not_touched(tmp_path):
     result = run_compare(f"--extra={TINY}", "--best-of-n", "--output-dir", str(tmp_path))
     assert result.returncode != 0 and "--output-dir" in result.stderr and "--resume" in result.stderr
     assert os.listdir(tmp_path) == ["table.md"] and (tmp_path / "table.md").read_text() == "mine"
+
+
+def test_every_experiment_patch_still_applies_to_its_script():
+    """experiments/ keeps designs that are not in the scripts; a script change that breaks one fails here."""
+    patches = sorted((REPO / "experiments").glob("*.patch"))
+    assert patches
+    for patch in patches:
+        script = patch.read_text().splitlines()[0].removeprefix("--- a/")
+        compare.apply_patch(script, f"experiments/{patch.name}", None)  # a dry run; SystemExit if it does not apply
