@@ -112,12 +112,12 @@ class SoftQNetwork(torch.nn.Module):
     Q_j(s, a) = b(s) + A_j(s, a), b the RM's score head at s, A_j started near 0, so Q(s, .) starts flat (the optimum
     is pi_ref) and an untried token inherits its state's value. Different tiny starts keep the twins apart: min_j Q_j
     is pessimistic where they disagree (Fujimoto et al. 2018). A_j is a head as wide as the vocabulary, or factored
-    through pi_ref's output embeddings e_a: A_j(s, a) = e_a . W_j h(s) / |e_a|, 2 x hidden x d new parameters."""
+    through pi_ref's output embeddings e_a: A_j(s, a) = e_a . (W_j h(s) + c_j) / |e_a|, 2 (hidden + 1) d parameters."""
 
     def __init__(self, reward_model, vocab_size, token_vectors=None):
         super().__init__()
         self.model = reward_model  # AutoModelForSequenceClassification: backbone + `score` head, both trained
-        self.token_vectors = token_vectors  # [vocab, d], not a parameter here: pi_ref's own (frozen) output layer
+        self.token_vectors = token_vectors  # [vocab, d], not a parameter here: pi_ref's own output layer, not trained
         hidden = reward_model.score.in_features
         self.advantage = torch.nn.Linear(hidden, 2 * (vocab_size if token_vectors is None else token_vectors.shape[1]))
         torch.nn.init.normal_(self.advantage.weight, std=1e-3 / hidden)  # |A| ~ 1e-4: pi* = pi_ref to 0.1%

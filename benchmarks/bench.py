@@ -5,7 +5,9 @@ Runs each script as its own process (so peak memory is that run's alone), then r
 - episodes/s: episodes divided by the time spent in rollouts and updates (start-up and evaluation excluded);
 - wall: the whole process, model loading and the two tiny evaluations included;
 - rollout share: sampling plus the no-grad forward passes (reference, reward, value) vs the gradient updates;
-- peak RSS: the process's maximum resident memory (CPU); on CUDA also the peak allocated GPU memory.
+- peak RSS: the process's maximum resident memory (CPU); on CUDA also the peak allocated GPU memory;
+- model GFLOP per update and the achieved GFLOP/s against a matmul peak measured in the same process: how close
+  the run is to what this machine's matmuls can do (see update_flops for what is counted).
 
 Usage: python benchmarks/bench.py                      (PPO, plus RLOO and SAC once they exist)
        python benchmarks/bench.py --scripts ppo_rlhf.py --repeats 2 --extra="--num-minibatches 1"
@@ -13,12 +15,16 @@ Usage: python benchmarks/bench.py                      (PPO, plus RLOO and SAC o
 
 import json
 import os
+import random
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 
+import torch
 import tyro
 from compare import mean_spread, run_child  # benchmarks/ is on the path when this file runs
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,8 +45,76 @@ class Args:
     """extra flags passed to every script, written --extra="--flag value" (e.g. --extra="--num-minibatches 1")"""
 
 
+def matmul_peak_gflops(n=2048, repeats=5):
+    """The best fp32 GFLOP/s of an n x n matmul on this machine, with torch's default threads (as the runs have)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def model_shape(name, auto_class, extra_params=0):
+    """(matmul parameters, layers, hidden size) of a model: every Linear weight, the output layer included (tied or
+    not), not the embedding lookup; extra_params for a head the script adds (SAC's critic)."""
+    model = auto_class.from_pretrained(name)
+    params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) + extra_params
+    return params, model.config.num_hidden_layers, model.config.hidden_size
+
+
+def forward_flops(shape, rows, length, kv_cache=False):
+    """One forward pass: 2 FLOPs per matmul parameter per token, plus attention's QK^T and AV, 4 x layers x hidden
+    per (query, key) pair: all length^2 pairs in a forward pass (what a non-flash kernel computes), about half of
+    them when sampling token by token with a KV cache."""
+    params, layers, hidden = shape
+    pairs = length**2 / 2 if kv_cache else length**2
+    return rows * (2 * params * length + 4 * layers * hidden * pairs)
+
+
+def mean_prompt_width(run_args, draws=200):
+    """The mean left-padded prompt width of a rollout: the longest of batch_size random training prompts."""
+    tokenizer = AutoTokenizer.from_pretrained(run_args["model_name"])
+    with open(run_args["dataset"]) as f:
+        widths = [len(tokenizer(json.loads(line)["prompt"])["input_ids"]) for line in f if line.strip()]
+    widths = [min(w, run_args["max_prompt_length"]) for w in widths]
+    return sum(max(random.Random(i).sample(widths, run_args["batch_size"])) for i in range(draws)) / draws
+
+
+def update_flops(script, run_args):
+    """Model FLOPs of one update (a rollout of batch_size responses and its gradient steps; a backward pass counted
+    as twice its forward): sampling, the rollout's no-grad forwards (policy, reference, reward model; PPO's value
+    model), then PPO: epochs x (policy and value model, forward and backward); RLOO: epochs x policy, forward and
+    backward; SAC: steps x (policy forward and backward, reference forward, critic forward and backward, target
+    critic forward) on minibatches. Evaluation is left out, as in episodes/s."""
+    policy = model_shape(run_args["model_name"], AutoModelForCausalLM)
+    rm = model_shape(run_args["reward_model_name"], AutoModelForSequenceClassification)
+    rows, length = run_args["batch_size"], mean_prompt_width(run_args) + run_args["response_length"]
+    flops = forward_flops(policy, rows, length, kv_cache=True) + 2 * forward_flops(policy, rows, length)
+    flops += forward_flops(rm, rows, length)
+    if script == "ppo_rlhf.py":  # the value model is a copy of the reward model
+        flops += forward_flops(rm, rows, length)
+        flops += (
+            run_args["num_ppo_epochs"] * 3 * (forward_flops(policy, rows, length) + forward_flops(rm, rows, length))
+        )
+    elif script == "rloo_rlhf.py":
+        flops += run_args["num_ppo_epochs"] * 3 * forward_flops(policy, rows, length)
+    else:
+        vocab = AutoConfig.from_pretrained(run_args["model_name"]).vocab_size
+        head = 2 * rm[2] * (vocab if run_args["critic"] == "heads" else policy[2])  # the critic's advantage head
+        critic = (rm[0] + head + (2 * vocab * policy[2] if run_args["critic"] == "factored" else 0), *rm[1:])
+        mb = run_args["minibatch_size"] or rows
+        step = 4 * forward_flops(policy, mb, length) + 4 * forward_flops(critic, mb, length)
+        flops += run_args["updates_per_rollout"] * step
+    return flops
+
+
 def run_once(script, args, seed, folder):
-    """One run as a child process; returns its last training record, wall time and peak RSS in MiB."""
+    """One run as a child process; returns its last training record, wall time, peak RSS in MiB and args.json."""
     out = os.path.join(folder, f"{script}-{seed}")
     cmd = [
         sys.executable,
@@ -66,30 +140,38 @@ def run_once(script, args, seed, folder):
     wall, peak_rss = run_child(cmd)  # the machine's default thread count, as a user would run it
     with open(os.path.join(out, "metrics.jsonl")) as f:
         last = [r for r in map(json.loads, f) if "objective/scores" in r][-1]
-    return last, wall, peak_rss
+    with open(os.path.join(out, "args.json")) as f:
+        return last, wall, peak_rss, json.load(f)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    peak = matmul_peak_gflops()
     print(
         f"batch {args.batch_size}, {args.response_length}-token responses, {args.total_episodes} episodes, "
-        f"{args.repeats} run(s) per script, {os.cpu_count()} CPU cores"
+        f"{args.repeats} run(s) per script, {os.cpu_count()} CPU cores; fp32 matmul peak {peak:.0f} GFLOP/s"
     )
-    print("| script | episodes/s | wall s | rollout share % | peak RSS MiB | peak CUDA GiB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| script | episodes/s | wall s | rollout share % | peak RSS MiB | peak CUDA GiB | model GFLOP per update "
+        "| achieved GFLOP/s | % of matmul peak |"
+    )
+    print("|" + " --- |" * 9)
     with tempfile.TemporaryDirectory() as folder:
         for script in args.scripts:
             if not os.path.exists(os.path.join(REPO, script)):
                 continue
             rows = [run_once(script, args, seed, folder) for seed in range(1, args.repeats + 1)]
-            busy = [r["time/rollout_s"] + r["time/update_s"] for r, _, _ in rows]
-            speed = [r["episode"] / b for (r, _, _), b in zip(rows, busy)]
-            share = [100 * r["time/rollout_s"] / b for (r, _, _), b in zip(rows, busy)]
-            cuda = [r.get("memory/cuda_peak_gb") for r, _, _ in rows]
+            busy = [r["time/rollout_s"] + r["time/update_s"] for r, *_ in rows]
+            speed = [r["episode"] / b for (r, *_), b in zip(rows, busy)]
+            share = [100 * r["time/rollout_s"] / b for (r, *_), b in zip(rows, busy)]
+            cuda = [r.get("memory/cuda_peak_gb") for r, *_ in rows]
             cuda_text = mean_spread(cuda, 1) if None not in cuda else "-"
+            flops = update_flops(script, rows[0][3])  # per update of batch_size episodes
+            achieved = [flops * v / args.batch_size / 1e9 for v in speed]
+            share_of_peak = [100 * a / peak for a in achieved]
             print(
-                f"| {script} | {mean_spread(speed, 1)} | {mean_spread([w for _, w, _ in rows], 1)} "
-                f"| {mean_spread(share, 1)} "
-                f"| {mean_spread([m for _, _, m in rows], 1)} | {cuda_text} |",
+                f"| {script} | {mean_spread(speed, 1)} | {mean_spread([w for _, w, *_ in rows], 1)} "
+                f"| {mean_spread(share, 1)} | {mean_spread([m for *_, m, _ in rows], 1)} | {cuda_text} "
+                f"| {flops / 1e9:.2f} | {mean_spread(achieved, 2)} | {mean_spread(share_of_peak, 2)} |",
                 flush=True,
             )

@@ -148,7 +148,8 @@ def script_path(args, script):
 def apply_patch(script, patch, out):
     """Write script with patch applied to out (None: only check that it applies); fail with patch's message."""
     where = ["--dry-run"] if out is None else ["--output", out]
-    cmd = ["patch", "--quiet", "--force", *where, os.path.join(REPO, script), os.path.join(REPO, patch)]
+    # --fuzz 0: every context line must match, so a patch never lands on a script that has changed around it.
+    cmd = ["patch", "--quiet", "--force", "--fuzz", "0", *where, os.path.join(REPO, script), os.path.join(REPO, patch)]
     result = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         fail(f"--runs: {patch} does not apply to {script} ({(result.stdout + result.stderr).strip()[:300]})")
@@ -182,7 +183,8 @@ def run_command(args, label, seed):
 
 
 def shown_command(cmd):
-    """A run's command as the records keep it: relative to the repository, no machine's paths in it."""
+    """A run's command as the records keep it: the script relative to the repository (not this machine's path to
+    it or to python); the run's --output-dir as it was given."""
     return shlex.join(["python", os.path.relpath(cmd[1], REPO), *cmd[2:]])
 
 

@@ -9,7 +9,7 @@ For each --critic design it reports, exactly, from the modules sac_rlhf.py build
 then runs sac_rlhf.py on the fixture with that critic (fixed-length responses, a few updates) as its own process:
 - peak RSS (CPU) and, on CUDA, the peak allocated GPU memory the script logs (memory/cuda_peak_gb).
 
-Usage: python benchmarks/sac_memory.py        (CPU: a few minutes, about 10 GiB of memory at the peak)
+Usage: python benchmarks/sac_memory.py        (CPU: a few minutes, about 13 GiB of memory at the peak)
 """
 
 import json

@@ -1,0 +1,36 @@
+"""benchmarks/bench.py: its model-FLOP count against torch's own FLOP counter on the tinyworld models."""
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from tests.helpers import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench.py imports compare.py from its own folder
+spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize(
+    "name, auto_class", [("sft", AutoModelForCausalLM), ("reward_model", AutoModelForSequenceClassification)]
+)
+def test_forward_and_backward_flops_match_torchs_flop_counter(name, auto_class):
+    """2 FLOPs per matmul parameter per token plus attention, and a backward pass of twice the forward: within 6% of
+    what torch.utils.flop_counter counts for the same passes (it skips the embedding and elementwise work too)."""
+    path = str(REPO / "tinyworld" / name)
+    model = auto_class.from_pretrained(path)
+    ids = torch.randint(4, 80, (4, 30), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=ids)
+    modelled = bench.forward_flops(bench.model_shape(path, auto_class), 4, 30)
+    assert modelled == pytest.approx(counter.get_total_flops(), rel=0.06)
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids).logits.sum().backward()
+    assert 3 * modelled == pytest.approx(counter.get_total_flops(), rel=0.06)
+    # sampling with a KV cache computes about half the attention pairs of a full forward, and the same matmuls
+    assert bench.forward_flops(bench.model_shape(path, auto_class), 4, 30, kv_cache=True) < modelled
