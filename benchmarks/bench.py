@@ -9,8 +9,9 @@ Runs each script as its own process (so peak memory is that run's alone), then r
 - model GFLOP per update and the achieved GFLOP/s against a matmul peak measured in the same process: how close
   the run is to what this machine's matmuls can do (see update_flops for what is counted).
 
-Usage: python benchmarks/bench.py                      (PPO, plus RLOO and SAC once they exist)
+Usage: python benchmarks/bench.py                      (the three scripts on the tinyworld)
        python benchmarks/bench.py --scripts ppo_rlhf.py --repeats 2 --extra="--num-minibatches 1"
+       python benchmarks/bench.py --hidden-size 512 --layers 8 --total-episodes 64   (random 21M-parameter models)
 """
 
 import json
@@ -43,6 +44,27 @@ class Args:
     """runs per script (seeds 1..repeats); the table shows mean and spread"""
     extra: str = ""
     """extra flags passed to every script, written --extra="--flag value" (e.g. --extra="--num-minibatches 1")"""
+    hidden_size: int | None = None
+    """None: the tinyworld models; else a random Llama policy and reward model of this width (and --layers)"""
+    layers: int = 8
+    """layers of the random models (--hidden-size 512 --layers 8: 25M matmul parameters each)"""
+
+
+def build_random_models(args, folder):
+    """A random policy and reward model of --hidden-size and --layers with the tinyworld tokenizer: the scripts' cost
+    at a larger size, without a download (their scores mean nothing)."""
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO, "tinyworld", "sft"))
+    config = AutoConfig.from_pretrained(os.path.join(REPO, "tinyworld", "sft"))
+    config.hidden_size, config.num_hidden_layers = args.hidden_size, args.layers
+    config.intermediate_size, config.head_dim = 2 * args.hidden_size, args.hidden_size // config.num_attention_heads
+    config.num_key_value_heads, config.max_position_embeddings = config.num_attention_heads, 512
+    torch.manual_seed(0)
+    paths = [os.path.join(folder, name) for name in ["policy", "reward_model"]]
+    for path, auto_class in zip(paths, [AutoModelForCausalLM, AutoModelForSequenceClassification]):
+        config.num_labels = 1
+        auto_class.from_config(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return ["--model-name", paths[0], "--reward-model-name", paths[1], "--gold-reward-model-name", "None"]
 
 
 def matmul_peak_gflops(n=2048, repeats=5):
@@ -113,7 +135,7 @@ def update_flops(script, run_args):
     return flops
 
 
-def run_once(script, args, seed, folder):
+def run_once(script, args, seed, folder, models):
     """One run as a child process; returns its last training record, wall time, peak RSS in MiB and args.json."""
     out = os.path.join(folder, f"{script}-{seed}")
     cmd = [
@@ -135,6 +157,7 @@ def run_once(script, args, seed, folder):
         "--eval-size",
         "1",
         "--no-save-model",
+        *models,
         *args.extra.split(),
     ]
     wall, peak_rss = run_child(cmd)  # the machine's default thread count, as a user would run it
@@ -147,20 +170,23 @@ def run_once(script, args, seed, folder):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     peak = matmul_peak_gflops()
-    print(
-        f"batch {args.batch_size}, {args.response_length}-token responses, {args.total_episodes} episodes, "
-        f"{args.repeats} run(s) per script, {os.cpu_count()} CPU cores; fp32 matmul peak {peak:.0f} GFLOP/s"
-    )
-    print(
-        "| script | episodes/s | wall s | rollout share % | peak RSS MiB | peak CUDA GiB | model GFLOP per update "
-        "| achieved GFLOP/s | % of matmul peak |"
-    )
-    print("|" + " --- |" * 9)
     with tempfile.TemporaryDirectory() as folder:
+        models = build_random_models(args, folder) if args.hidden_size else []
+        name = models[1] if models else os.path.join(REPO, "tinyworld", "sft")
+        print(
+            f"batch {args.batch_size}, {args.response_length}-token responses, {args.total_episodes} episodes, "
+            f"{args.repeats} run(s) per script, {os.cpu_count()} CPU cores; fp32 matmul peak {peak:.0f} GFLOP/s; "
+            f"policy of {model_shape(name, AutoModelForCausalLM)[0] / 1e6:.1f}M matmul parameters"
+        )
+        print(
+            "| script | episodes/s | wall s | rollout share % | peak RSS MiB | peak CUDA GiB | model GFLOP per update "
+            "| achieved GFLOP/s | % of matmul peak |"
+        )
+        print("|" + " --- |" * 9)
         for script in args.scripts:
             if not os.path.exists(os.path.join(REPO, script)):
                 continue
-            rows = [run_once(script, args, seed, folder) for seed in range(1, args.repeats + 1)]
+            rows = [run_once(script, args, seed, folder, models) for seed in range(1, args.repeats + 1)]
             busy = [r["time/rollout_s"] + r["time/update_s"] for r, *_ in rows]
             speed = [r["episode"] / b for (r, *_), b in zip(rows, busy)]
             share = [100 * r["time/rollout_s"] / b for (r, *_), b in zip(rows, busy)]
