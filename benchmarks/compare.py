@@ -273,6 +273,33 @@ def fit_gao(points):
     }
 
 
+def fit_sqrt_kl_law(points, min_r2=0.9):
+    """Bai et al. (2022, sec. 4.3): over training the RM score grows about linearly in d = sqrt(KL). Least squares of
+    the gain R = slope x d (through the start) over (d, R) points: slope and R^2 over all of them, and the widest
+    range from d = 0 over which the law holds: the largest d* whose points (d <= d*, at least 4) fit such a line with
+    R^2 >= min_r2, and the slope there. None with fewer than 4 points with d > 0."""
+    points = sorted((d, r) for d, r in points if d > 0)
+    if len(points) < 4:
+        return None
+
+    def fit(ps):
+        slope = sum(d * r for d, r in ps) / sum(d * d for d, _ in ps)
+        mean = sum(r for _, r in ps) / len(ps)
+        ss_tot, ss_res = sum((r - mean) ** 2 for _, r in ps), sum((r - slope * d) ** 2 for d, r in ps)
+        return slope, 1 - ss_res / ss_tot if ss_tot > 0 else None
+
+    slope, r2 = fit(points)
+    holds = [k for k in range(4, len(points) + 1) if (fit(points[:k])[1] or 0.0) >= min_r2]
+    return {
+        "slope": slope,
+        "r2": r2,
+        "holds_to_d": points[holds[-1] - 1][0] if holds else None,
+        "slope_there": fit(points[: holds[-1]])[0] if holds else None,
+        "max_d": points[-1][0],
+        "points": len(points),
+    }
+
+
 def kl_bon(n):
     """KL(best-of-n || pi) = log n - (n - 1) / n when no two samples can be equal; an upper bound otherwise."""
     return math.log(n) - (n - 1) / n
@@ -372,10 +399,18 @@ def summarise(args, labels):
                 for e in r["evals"][1:]
             ]
         pooled += points
+        gains = {  # (d, score gain over the seed's start) for every evaluation after the start
+            key: [
+                (math.sqrt(max(e["eval/kl"], 0.0)), e[key] - r["evals"][0][key]) for r in runs for e in r["evals"][1:]
+            ]
+            for key in ["eval/scores", "eval/gold_scores"]
+            if all(key in e for r in runs for e in r["evals"])
+        }
         summary["runs"][label] = {
             "seeds": runs,
             "start": {k: sum(e[k] for e in start) / len(start) for k in start[0] if k.startswith("eval/")},
             "gao_fit": fit_gao(points),
+            "sqrt_kl_law": {key.removeprefix("eval/"): fit_sqrt_kl_law(pts) for key, pts in gains.items()},
         }
     # In a sweep, one fit over every run's points: the gold-vs-KL frontier that the runs trace together (the
     # KL coefficient mostly decides how far along it a run goes; Gao et al. 2022, section 3.6).
@@ -466,6 +501,7 @@ def write_table(summary, path):
             f"A peak beyond the largest d seen is an extrapolation; kl.png draws fits with R^2 >= {MIN_R2_TO_DRAW}.",
             "",
         ]
+    lines += sqrt_kl_law_table(summary)
     if summary.get("best_of_n"):
         lines += [
             f"Best-of-n from the SFT policy (proxy RM picks, gold RM judges; seed {summary['seeds'][0]}, "
@@ -481,6 +517,30 @@ def write_table(summary, path):
         ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def sqrt_kl_law_table(summary):
+    """Per run, the fit of fit_sqrt_kl_law for the proxy and the gold score."""
+    cell = lambda x, f: "-" if x is None else f.format(x)  # noqa: E731
+    lines = [
+        "Bai et al. (2022) sqrt(KL) law: score gain over the start = slope x sqrt(KL), least squares over every "
+        "evaluation of every seed; 'holds to d': the widest range from d = 0 whose points fit such a line with "
+        "R^2 >= 0.9, and the slope there:",
+        "",
+        "| run | score | slope | R^2 | holds to d | slope there | largest d seen | points |",
+        "|" + " --- |" * 8,
+    ]
+    for label, run in summary["runs"].items():
+        for key, fit in run.get("sqrt_kl_law", {}).items():
+            if fit is None:
+                lines.append(f"| {label} | {key} | - | - | - | - | - | too few |")
+                continue
+            lines.append(
+                f"| {label} | {key} | {fit['slope']:.3f} | {cell(fit['r2'], '{:.2f}')} "
+                f"| {cell(fit['holds_to_d'], '{:.2f}')} | {cell(fit['slope_there'], '{:.3f}')} | {fit['max_d']:.2f} "
+                f"| {fit['points']} |"
+            )
+    return lines + [""]
 
 
 def threshold_table(summary):

@@ -138,6 +138,7 @@ def test_runner_end_to_end_on_a_tiny_budget(tmp_path):
     thresholds_part = table.split("Episodes until")[1].splitlines()
     assert "| run | episodes to gold -0.2 | KL there | episodes to gold 0.1 | KL there |" in thresholds_part
     assert all(any(line.startswith(f"| {label} |") for line in thresholds_part) for label in runs)
+    assert "sqrt(KL) law" in table and set(summary["runs"]["rloo_rlhf.py"]["sqrt_kl_law"]) == {"scores", "gold_scores"}
     bon = summary["best_of_n"]
     assert [r["n"] for r in bon] == [1, 2, 4]
     assert [r["kl"] for r in bon] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
@@ -273,3 +274,16 @@ def test_every_experiment_patch_still_applies_to_its_script():
     for patch in patches:
         script = patch.read_text().splitlines()[0].removeprefix("--- a/")
         compare.apply_patch(script, f"experiments/{patch.name}", None)  # a dry run; SystemExit if it does not apply
+
+
+def test_sqrt_kl_law_fit_finds_the_slope_and_where_the_line_stops_holding():
+    line = [(d, 0.8 * d) for d in [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]]
+    fit = compare.fit_sqrt_kl_law(line + [(0.0, 0.0)])  # d = 0 carries no information and is skipped
+    assert fit["slope"] == pytest.approx(0.8) and fit["r2"] == pytest.approx(1.0) and fit["points"] == 6
+    assert fit["holds_to_d"] == 3.0 and fit["slope_there"] == pytest.approx(0.8) and fit["max_d"] == 3.0
+    # over-optimisation: past d = 3 the gain falls; the law holds to 3 (with its slope there), not over all points
+    bent = line + [(3.5, 1.0), (4.0, 0.0), (4.5, -1.0)]
+    fit = compare.fit_sqrt_kl_law(bent)
+    assert fit["holds_to_d"] == 3.0 and fit["slope_there"] == pytest.approx(0.8) and fit["r2"] < 0.5
+    assert fit["slope"] == pytest.approx(sum(d * r for d, r in bent) / sum(d * d for d, _ in bent))
+    assert compare.fit_sqrt_kl_law(line[:3]) is None  # too few points
