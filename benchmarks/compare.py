@@ -577,7 +577,8 @@ def plot(summary, folder):
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    runs, colors = summary["runs"], plt.get_cmap("tab10").colors
+    runs = summary["runs"]
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors  # one colour per run, up to 20 runs
 
     def curves(ax, key, x_key="episode", sqrt_x=False):
         for i, (label, run) in enumerate(runs.items()):
@@ -593,19 +594,19 @@ def plot(summary, folder):
                 [mean(ys, j) for j in range(n)],
                 "-o",
                 ms=3,
-                color=colors[i % 10],
+                color=colors[i % len(colors)],
                 label=label,
             )
             if sqrt_x:  # each seed's points, since seeds reach different KLs
                 for x, y in zip(xs, ys):
-                    ax.plot(x, y, ".", ms=3, alpha=0.35, color=colors[i % 10])
+                    ax.plot(x, y, ".", ms=3, alpha=0.35, color=colors[i % len(colors)])
             else:
                 ax.fill_between(
                     xs[0],
                     [min(row[j] for row in ys) for j in range(n)],
                     [max(row[j] for row in ys) for j in range(n)],
                     alpha=0.2,
-                    color=colors[i % 10],
+                    color=colors[i % len(colors)],
                 )
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -638,7 +639,7 @@ def plot(summary, folder):
                         ds,
                         [run["start"]["eval/gold_scores"] + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds],
                         ":",
-                        color=colors[i % 10],
+                        color=colors[i % len(colors)],
                     )
             ax.plot([], [], ":", color="gray", label=f"fit d (a - b log d) of each run with R^2 >= {MIN_R2_TO_DRAW}")
             fit, start = summary["pooled_fit"], next(iter(runs.values()))["start"]
