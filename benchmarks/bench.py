@@ -58,13 +58,20 @@ def build_random_models(args, folder):
     config.hidden_size, config.num_hidden_layers = args.hidden_size, args.layers
     config.intermediate_size, config.head_dim = 2 * args.hidden_size, args.hidden_size // config.num_attention_heads
     config.num_key_value_heads, config.max_position_embeddings = config.num_attention_heads, 512
+    policy, reward_model = save_random_models(config, tokenizer, folder)
+    return ["--model-name", policy, "--reward-model-name", reward_model, "--gold-reward-model-name", "None"]
+
+
+def save_random_models(config, tokenizer, folder):
+    """A random causal LM and a 1-label reward model of `config` (seed 0), each saved with `tokenizer` in `folder`;
+    returns their two paths. Also used by sac_memory.py."""
     torch.manual_seed(0)
     paths = [os.path.join(folder, name) for name in ["policy", "reward_model"]]
+    config.num_labels = 1
     for path, auto_class in zip(paths, [AutoModelForCausalLM, AutoModelForSequenceClassification]):
-        config.num_labels = 1
         auto_class.from_config(config).save_pretrained(path)
         tokenizer.save_pretrained(path)
-    return ["--model-name", paths[0], "--reward-model-name", paths[1], "--gold-reward-model-name", "None"]
+    return paths
 
 
 def matmul_peak_gflops(n=2048, repeats=5):

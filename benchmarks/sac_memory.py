@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 import tyro
-from compare import run_child  # benchmarks/ is on the path when this file runs
+from bench import save_random_models  # benchmarks/ is on the path when this file runs
+from compare import run_child
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, Qwen2Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ class Args:
 
 
 def build_fixture(args, folder):
-    """A policy and a reward model with the fixture's sizes, saved with the tinyworld tokenizer."""
+    """A policy and a reward model with the fixture's sizes, saved with the tinyworld tokenizer: their paths."""
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO, "tinyworld", "sft"))
     config = Qwen2Config(
         vocab_size=args.vocab_size,
@@ -60,17 +61,13 @@ def build_fixture(args, folder):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    for name, auto_class in [("sft", AutoModelForCausalLM), ("reward_model", AutoModelForSequenceClassification)]:
-        config.num_labels = 1
-        auto_class.from_config(config).save_pretrained(os.path.join(folder, name))
-        tokenizer.save_pretrained(os.path.join(folder, name))
+    return save_random_models(config, tokenizer, folder)
 
 
-def count_critic(args, folder, design):
+def count_critic(args, models, design):
     """Parameter and AdamW-state counts of the critic sac_rlhf.py builds for `design` (as its main does)."""
-    ref_policy = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "sft"))
-    reward_copy = AutoModelForSequenceClassification.from_pretrained(os.path.join(folder, "reward_model"))
+    ref_policy = AutoModelForCausalLM.from_pretrained(models[0])
+    reward_copy = AutoModelForSequenceClassification.from_pretrained(models[1])
     tokens = ref_policy.get_output_embeddings().weight.detach()
     critic = sac.SoftQNetwork(reward_copy, len(tokens), tokens if design == "factored" else None)
     trainable = sum(p.numel() for p in critic.parameters())
@@ -91,12 +88,12 @@ def count_critic(args, folder, design):
     return {"new": new, "trainable": trainable, "adam_bytes": state, "q_bytes": q_bytes}
 
 
-def run_design(args, folder, design):
+def run_design(args, folder, models, design):
     """sac_rlhf.py with this critic on the fixture: its peak RSS and (on CUDA) peak allocated GPU memory."""
     out = os.path.join(folder, f"run-{design}")
     world = lambda name: os.path.join(REPO, "tinyworld", name)  # noqa: E731
     cmd = [sys.executable, os.path.join(REPO, "sac_rlhf.py"), "--critic", design, "--output-dir", out]
-    cmd += ["--model-name", os.path.join(folder, "sft"), "--reward-model-name", os.path.join(folder, "reward_model")]
+    cmd += ["--model-name", models[0], "--reward-model-name", models[1]]
     cmd += ["--gold-reward-model-name", "None", "--dataset", world("prompts_train.jsonl")]
     cmd += ["--eval-dataset", world("prompts_eval.jsonl"), "--eval-size", "1", "--eval-every", str(10**9)]
     cmd += ["--batch-size", str(args.batch_size), "--total-episodes", str(args.batch_size * args.updates)]
@@ -122,10 +119,10 @@ if __name__ == "__main__":
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as folder:
-        build_fixture(args, folder)
+        models = build_fixture(args, folder)
         for design in args.critics:
-            c = count_critic(args, folder, design)
-            peak_rss, cuda = run_design(args, folder, design)
+            c = count_critic(args, models, design)
+            peak_rss, cuda = run_design(args, folder, models, design)
             print(
                 f"| {design} | {c['new'] / 1e6:.2f}M | {c['trainable'] / 1e6:.1f}M | {gib(4 * c['trainable'])} "
                 f"| {gib(c['adam_bytes'])} | {gib(c['q_bytes'])} | {peak_rss / 1024:.2f} "
