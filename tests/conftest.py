@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import ARCHS, build_mismatched_reward, build_worlds
+from tests.helpers import ARCHS, OFFLINE_ENV, build_mismatched_reward, build_worlds
 from tests.helpers import tinyworld as _tinyworld
 
 
@@ -48,14 +48,7 @@ def tinyworld():
 
 
 # Tests that run a script in this process (tests.helpers.run_main) see the same environment as run_script's.
-os.environ.update(
-    CUDA_VISIBLE_DEVICES="",
-    HF_HUB_OFFLINE="1",
-    TRANSFORMERS_OFFLINE="1",
-    HF_DATASETS_OFFLINE="1",
-    TOKENIZERS_PARALLELISM="false",
-    WANDB_MODE="disabled",
-)
+os.environ.update(OFFLINE_ENV)
 # One thread, like the scripts run_script starts: two busy processes with two threads each on a two-core machine
 # slow each other down many times over.
 torch.set_num_threads(1)

@@ -21,6 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+OFFLINE_ENV = dict(  # the tests run on the CPU, offline, with no tracking: in run_script's children and in-process
+    CUDA_VISIBLE_DEVICES="",
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    WANDB_MODE="disabled",
+)
 """The repository root (the folder holding the three scripts)."""
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2"]
@@ -83,16 +91,8 @@ def run_script(script: str, *args: str, cwd: str | os.PathLike | None = None, ti
     stdout and stderr are captured as text. ``cwd`` defaults to the current directory, so pass a
     tmp_path to keep a default ``runs/`` folder out of the repository.
     """
-    env = dict(os.environ)
-    env.update(
-        CUDA_VISIBLE_DEVICES="",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        WANDB_MODE="disabled",
-        OMP_NUM_THREADS="1",  # tiny models run fastest on one thread, and never oversubscribe a busy machine
-    )
+    # One thread: tiny models run fastest on it, and it never oversubscribes a busy machine.
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(REPO / script), *map(str, args)],
         cwd=cwd,
