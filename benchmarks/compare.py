@@ -133,8 +133,13 @@ def expand_runs(args):
     return [f"{run} --kl-coef {coef:g}" for run in args.runs for coef in args.kl_coefs]
 
 
+def file_name(text):
+    """text with every run of characters other than letters, digits and dots as one underscore."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text)
+
+
 def run_folder(args, label, seed):
-    slug = re.sub(r"[^A-Za-z0-9.]+", "_", label.replace("_rlhf.py", "")).strip("_")
+    slug = file_name(label.replace("_rlhf.py", "")).strip("_")
     return os.path.join(args.output_dir, "runs", f"{slug}__{seed}")
 
 
@@ -142,7 +147,7 @@ def script_path(args, script):
     """The script a run executes: a repository script, or its patched copy in <output-dir>/scripts/."""
     if "+" not in script:
         return os.path.join(REPO, script)
-    return os.path.join(args.output_dir, "scripts", re.sub(r"[^A-Za-z0-9.]+", "_", script.removesuffix(".patch")))
+    return os.path.join(args.output_dir, "scripts", file_name(script.removesuffix(".patch")))
 
 
 def apply_patch(script, patch, out):
