@@ -32,6 +32,7 @@ import transformers
 import tyro
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 transformers.utils.logging.disable_progress_bar()  # keep the output to our own progress bar
 
@@ -70,6 +71,10 @@ class Args:
     output_dir: str | None = None  # run folder; default runs/<run_name> (a new folder for every run)
     overwrite_output_dir: bool = False  # replace the run in --output-dir (its records and model are deleted first)
     save_model: bool = True  # save the final policy and tokenizer to <output-dir>/model
+    save_every: int = 0  # write a resumable checkpoint every N episodes (0 = never); see --resume
+    resume: bool = False  # continue the run in --output-dir from its last checkpoint (pass the run's own flags)
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward pass instead of keeping them
+    rollout_micro_batch_size: int | None = None  # rows per no-grad forward pass (rollouts, evaluation); None = all
 
     def __post_init__(self):  # a tinyworld/ path that is not in the working folder is the one beside this script
         for name in ["model_name", "reward_model_name", "gold_reward_model_name", "dataset", "eval_dataset"]:
@@ -214,7 +219,8 @@ def backbone_hidden(model, query, query_mask, responses, resp_mask, autocast):
     mask = torch.cat([query_mask, resp_mask], dim=1)
     with autocast:
         backbone = getattr(model, model.base_model_prefix)  # e.g. `.model` for Llama, `.transformer` for GPT-2
-        return backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        out = backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+    return out.last_hidden_state
 
 
 def forward_logp_all(model, query, query_mask, responses, resp_mask, temperature, autocast):
@@ -223,7 +229,8 @@ def forward_logp_all(model, query, query_mask, responses, resp_mask, temperature
     input_ids = torch.cat([query, responses], dim=1)
     mask = torch.cat([query_mask, resp_mask], dim=1)
     with autocast:
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        # use_cache=False: a whole-sequence pass needs no KV cache (and --gradient-checkpointing must not fill one).
+        logits = model(input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
     # The logit at position i predicts token i + 1: keep those that predict the response tokens.
     return torch.log_softmax(logits[:, query.shape[1] - 1 : -1].float() / temperature, dim=-1)
 
@@ -250,26 +257,73 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def chunked(size, fn, *inputs):
+    """fn(*inputs) on successive slices of `size` rows (all rows at once if None), concatenated: the same numbers with
+    the memory of one slice (--rollout-micro-batch-size). Tensor inputs are sliced; the others (a model) pass whole."""
+    rows = next(x for x in inputs if isinstance(x, torch.Tensor)).shape[0]
+    size = size or rows
+    outputs = [
+        fn(*(x[i : i + size] if isinstance(x, torch.Tensor) else x for x in inputs)) for i in range(0, rows, size)
+    ]
+    if isinstance(outputs[0], torch.Tensor):
+        return torch.cat(outputs)
+    return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+
+
+def all_gather(x):
+    """The global batch under torchrun: every rank's rows of x, in rank order (x itself in a one-process run)."""
+    if not torch.distributed.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(x):
+    """x averaged over the ranks under torchrun (x itself in a one-process run)."""
+    if torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= torch.distributed.get_world_size()
+    return x
+
+
+def global_masked_mean(x, mask):
+    """masked_mean over every rank's real tokens (the same as masked_mean in a one-process run)."""
+    sums = torch.stack([(x * mask).sum(), mask.sum()])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    return sums[0] / sums[1].clamp(min=1)
+
+
 @torch.no_grad()
 def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast):
     """Sample responses and what the losses and logs need about them, with no gradient. Returns responses, mask
     (float), has_eos, log-probs, reference log-probs, entropy ([batch, time] each but has_eos) and scores [batch]."""
     raw = generate(policy, query, query_mask, args, eos_id, generator, autocast)
     mask, responses, has_eos = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
-    logprobs, entropy = forward_logprobs(policy, query, query_mask, responses, mask, args.temperature, autocast)
-    ref_logprobs, _ = forward_logprobs(ref_policy, query, query_mask, responses, mask, args.temperature, autocast)
-    scores = get_scores(reward_model, query, query_mask, responses, mask, autocast)
+    rows, size = (query, query_mask, responses, mask), args.rollout_micro_batch_size
+    logprobs, entropy = chunked(size, forward_logprobs, policy, *rows, args.temperature, autocast)
+    ref_logprobs, _ = chunked(size, forward_logprobs, ref_policy, *rows, args.temperature, autocast)
+    scores = chunked(size, get_scores, reward_model, *rows, autocast)
     if args.missing_eos_penalty is not None:  # the "EOS trick" (N+ sec. 7): responses must end
         scores = scores - args.missing_eos_penalty * (~has_eos).float()
     return responses, mask.float(), has_eos, logprobs, ref_logprobs, entropy, scores
 
 
-def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos):
+def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=False):
     """The common metrics of a batch of responses (the README's metric table): objective/scores, objective/kl,
-    objective/entropy, objective/response_length, objective/eos_rate in training records, eval/... in evaluations."""
+    objective/entropy, objective/response_length, objective/eos_rate in training records, eval/... in evaluations.
+    With gather, of the global batch (every rank's responses under torchrun)."""
     kl = ((logprobs - ref_logprobs) * mask).sum(1)  # [batch] sequence-level k1 on the sampled tokens
-    stats = {"scores": scores.mean().item(), "kl": kl.mean().item(), "entropy": masked_mean(entropy, mask).item()}
-    return stats | {"response_length": mask.sum(1).mean().item(), "eos_rate": has_eos.float().mean().item()}
+    n = torch.tensor(float(len(scores)), device=scores.device)
+    totals = torch.stack([scores.sum(), kl.sum(), (entropy * mask).sum(), mask.sum(), has_eos.float().sum(), n])
+    if gather and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    scores, kl, entropy, tokens, eos, n = totals
+    stats = {"scores": scores / n, "kl": kl / n, "entropy": entropy / tokens.clamp(min=1)}  # entropy per token
+    stats |= {"response_length": tokens / n, "eos_rate": eos / n}
+    return {k: v.item() for k, v in stats.items()}
 
 
 # === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
@@ -281,13 +335,29 @@ def fail(message):
 COMMON_RANGES = {  # the allowed interval of each numeric flag; values must be finite, and a None flag may be None
     "[1, inf)": ["max_prompt_length", "response_length", "total_episodes", "batch_size", "eval_every", "eval_size"],
     "(0, inf)": ["temperature", "learning_rate"],
-    "[0, inf)": ["missing_eos_penalty", "kl_coef", "ref_sync_every"],
+    "[0, inf)": ["missing_eos_penalty", "kl_coef", "ref_sync_every", "save_every"],
     "(0, 1]": ["ref_sync_mix"],
 }
-RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "INCOMPLETE"}  # what a run writes
+COMMON_RANGES["[1, inf)"].append("rollout_micro_batch_size")
+RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "INCOMPLETE", "checkpoint.pt", "checkpoint.pt.tmp"}
+# Flags a resumed run may change: where and how it runs and logs, not what it computes.
+RESUMABLE = {"resume", "save_every", "output_dir", "overwrite_output_dir", "exp_name", "cuda", "mixed_precision"}
+RESUMABLE |= {"track", "wandb_project_name", "wandb_entity"}
 
 
-def check_args(args, algo_ranges):
+def setup_distributed(args):
+    """torchrun --nproc-per-node N: N processes, data parallel (NCCL between GPUs, gloo on the CPU), each sampling its
+    share of --batch-size. A plain `python` run is process 0 of 1 and sets up nothing. Returns (rank, world_size)."""
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        cuda = args.cuda and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")  # gloo for the CPU's tensors
+    return rank, world_size
+
+
+def check_args(args, algo_ranges, world_size):
     """Before anything loads, refuse bad flags (out of range, not finite, budgets that do not divide, a used folder)."""
     signal.signal(signal.SIGINT, lambda *_: fail("interrupted by Ctrl-C before training; nothing was written"))
     for interval, names in [*COMMON_RANGES.items(), *algo_ranges.items()]:
@@ -299,11 +369,23 @@ def check_args(args, algo_ranges):
                 fail(f"--{name.replace('_', '-')} must be in {interval} (got {value})")
     if args.total_episodes % args.batch_size:
         fail(f"--total-episodes {args.total_episodes} is not a multiple of --batch-size {args.batch_size}; change one")
+    if args.batch_size % world_size:
+        fail(f"--batch-size {args.batch_size} does not split over {world_size} processes; pass a multiple of it")
     if not args.stop_at_eos and args.missing_eos_penalty is not None:  # a fixed-length response has no end to miss
         print("note: --missing-eos-penalty applies only with --stop-at-eos; it is off in this run")
         args.missing_eos_penalty = None
     out = args.output_dir
-    if out is not None and os.path.exists(out):
+    if args.resume:  # the same run, continued: its folder, its last checkpoint, its flags
+        if args.overwrite_output_dir or out is None or not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+            fail(f"--resume: --output-dir {out} holds no checkpoint (see --save-every); pass no --overwrite-output-dir")
+        if not os.path.exists(os.path.join(out, "INCOMPLETE")):
+            fail(f"--resume: the run in --output-dir {out} has finished; there is nothing to resume")
+        with open(os.path.join(out, "args.json")) as f:
+            saved = json.load(f)
+        changed = {k: v for k, v in asdict(args).items() if k not in RESUMABLE and saved.get(k) != v}
+        for name, value in changed.items():
+            fail(f"--resume: --{name.replace('_', '-')} is {value} here but {saved.get(name)} in {out}; pass the same")
+    elif out is not None and os.path.exists(out):
         foreign = sorted(set(os.listdir(out)) - RUN_FILES) if os.path.isdir(out) else ["it is a file"]
         if foreign:  # --overwrite-output-dir deletes a run's files, never anything else
             fail(f"--output-dir {out} is not a run's folder ({', '.join(foreign[:3])}); choose another folder")
@@ -380,7 +462,7 @@ def load_models(args):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() and args.cuda else "cpu")
     args.cuda = device.type == "cuda"
     if args.mixed_precision == "auto":
         args.mixed_precision = "bf16" if args.cuda else "no"
@@ -423,6 +505,29 @@ def load_models(args):
     return device, autocast, tokenizer, policy, ref_policy, reward_model, gold_model
 
 
+def enable_gradient_checkpointing(model):
+    """--gradient-checkpointing: each decoder layer keeps only its input and recomputes its activations in the backward
+    pass (less memory, about a third more compute), and only when a gradient is taken, so sampling keeps its KV cache.
+    (transformers' own switch acts only in training mode, where it also drops the cache; these models stay in eval.)"""
+    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+
+        def forward(*inputs, _forward=layer.forward, **kwargs):
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_forward, *inputs, use_reentrant=False, **kwargs)
+            return _forward(*inputs, **kwargs)
+
+        layer.forward = forward
+
+
+def average_gradients(params):
+    """Data parallel: every rank replaces its gradients by their mean over the ranks, so all take the same step (what
+    DDP does, written out: the scripts call parts of models, e.g. an RM's backbone, that a DDP wrapper would hide)."""
+    if torch.distributed.is_initialized():
+        for param in [p for p in params if p.grad is not None]:
+            torch.distributed.all_reduce(param.grad)
+            param.grad /= torch.distributed.get_world_size()
+
+
 @torch.no_grad()
 def lerp_parameters(target, source, weight):
     """target <- weight * source + (1 - weight) * target, in fp32: reference resets and Polyak averaging."""
@@ -438,7 +543,10 @@ def check_finite(loss, update):
 
 @torch.no_grad()
 def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast):
-    """Sample one response per evaluation prompt (fixed seed, so evaluations are comparable) and score it."""
+    """Sample one response per evaluation prompt (fixed seed, so evaluations are comparable) and score it. Under
+    torchrun rank 0 evaluates alone: the same numbers whatever the number of processes."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return {}, []
     generator = torch.Generator(device=device).manual_seed(args.seed + 12345)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     batches, samples = [], []
@@ -450,7 +558,8 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
         stats = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)
         gold = None
         if gold_model is not None:
-            gold = get_scores(gold_model, query, query_mask, responses, mask.long(), autocast)
+            rows = (query, query_mask, responses, mask.long())
+            gold = chunked(args.rollout_micro_batch_size, get_scores, gold_model, *rows, autocast)
             stats["gold_scores"] = gold.mean().item()
         batches.append((len(query), stats))
         for j in range(len(query)):
@@ -471,48 +580,87 @@ def new_folder(base):
             return path
 
 
-class RunLogger:
-    """The run folder: args.json, metrics.jsonl, samples.jsonl, and the final model; also wandb with --track, a tqdm
-    bar, and a console line per evaluation. A file INCOMPLETE marks a run stopped by Ctrl-C, a NaN or a crash."""
+def state_of(obj):
+    """What a checkpoint keeps of a model, optimizer, scaler or buffer (its state_dict), a generator or a tensor."""
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    return obj.detach().clone() if isinstance(obj, torch.Tensor) else obj.state_dict()
 
-    def __init__(self, args, run_name):
-        try:  # created only after every check has passed, so a bad flag leaves nothing behind
-            self.dir = args.output_dir = args.output_dir or new_folder(os.path.join("runs", run_name))
-            os.makedirs(self.dir, exist_ok=True)
-            for name in set(os.listdir(self.dir)) & RUN_FILES:  # --overwrite-output-dir: the old run goes
-                path = os.path.join(self.dir, name)
-                (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
+
+@torch.no_grad()
+def load_state(obj, state):
+    """Put back what state_of kept."""
+    if isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    elif isinstance(obj, torch.Tensor):
+        obj.copy_(state)
+    else:
+        obj.load_state_dict(state)
+
+
+class RunLogger:
+    """The run folder: args.json, metrics.jsonl, samples.jsonl, checkpoints and the final model; also wandb with
+    --track, a tqdm bar, and a console line per evaluation. A file INCOMPLETE marks a run stopped by Ctrl-C, a NaN or a
+    crash. Under torchrun rank 0 alone writes; the records it writes are the global ones (the other ranks' included)."""
+
+    def __init__(self, args, run_name, rank):
+        self.args, self.rank, self.episode, self.last_eval, self.wandb = args, rank, 0, "", None
+        self.checkpoint = None
+        if args.resume:  # every rank reads it (memory-mapped, so one copy is shared): see resume()
+            path = os.path.join(args.output_dir, "checkpoint.pt")
+            self.checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if rank == 0:
+            self.dir = self.open_folder(args, run_name)
+            if args.track:
+                import wandb  # lazy: only needed with --track
+
+                wandb.init(
+                    project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name
+                )
+                self.wandb = wandb
+        self.bar = tqdm(total=args.total_episodes, unit="episode", dynamic_ncols=True, disable=rank > 0)
+        signal.signal(signal.SIGINT, self.interrupted)
+
+    def open_folder(self, args, run_name):
+        """A new run's folder (created only after every check has passed, so a bad flag leaves nothing behind), or with
+        --resume the run's own, its records cut back to the checkpoint's."""
+        try:
+            if args.resume:
+                for name, size in self.checkpoint["records"].items():
+                    os.truncate(os.path.join(args.output_dir, name), size)
+                self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (for the run)
+                return args.output_dir
+            path = args.output_dir = args.output_dir or new_folder(os.path.join("runs", run_name))
+            os.makedirs(path, exist_ok=True)
+            for name in set(os.listdir(path)) & RUN_FILES:  # --overwrite-output-dir: the old run goes
+                (shutil.rmtree if os.path.isdir(os.path.join(path, name)) else os.remove)(os.path.join(path, name))
             texts = {"INCOMPLETE": "This run has not finished: no final model yet.\n", "samples.jsonl": ""}
             for name, text in {**texts, "args.json": json.dumps(asdict(args), indent=2)}.items():
-                with open(os.path.join(self.dir, name), "w") as f:
+                with open(os.path.join(path, name), "w") as f:
                     f.write(text)
-            self.file = open(os.path.join(self.dir, "metrics.jsonl"), "w")  # noqa: SIM115 (open for the whole run)
+            self.file = open(os.path.join(path, "metrics.jsonl"), "w")  # noqa: SIM115 (open for the whole run)
+            return path
         except OSError as e:
             fail(f"--output-dir {args.output_dir}: cannot write there ({e.strerror}); choose another folder")
-        self.args, self.episode, self.last_eval, self.wandb = args, 0, "", None
-        if args.track:
-            import wandb  # lazy: only needed with --track
-
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name)
-            self.wandb = wandb
-        self.bar = tqdm(total=args.total_episodes, unit="episode", dynamic_ncols=True)
-        signal.signal(signal.SIGINT, self.interrupted)
 
     def interrupted(self, *_):
         """Ctrl-C: one line saying where the run stopped (the folder keeps its records, marked INCOMPLETE)."""
         self.bar.close()
-        fail(f"interrupted by Ctrl-C at episode {self.episode}; {self.dir} holds the records so far, marked INCOMPLETE")
+        last = " and its last checkpoint (continue with --resume)" if self.args.save_every else ""
+        fail(f"interrupted by Ctrl-C at episode {self.episode}; {self.args.output_dir} holds the records so far{last}")
 
     def log(self, record):
         """Append a record to metrics.jsonl (and to wandb with --track)."""
         self.episode = record["episode"]
+        if self.rank > 0:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=record["episode"])
 
     def log_train(self, episode, update, lr, kl_coef, objective, start_time, time_rollout, time_update, algo_stats):
-        """A training record: the common keys (the README's metric table), then the algorithm's own."""
+        """A training record: the common keys (the README's metric table), then the algorithm's own (rank means)."""
         elapsed = time.time() - start_time
         record = {"episode": episode, "update": update, "lr": lr, "objective/kl_coef": kl_coef}
         record |= {"time/elapsed_s": elapsed, "time/episodes_per_s": episode / elapsed}
@@ -521,12 +669,15 @@ class RunLogger:
         record["objective/rlhf_reward"] = objective["scores"] - kl_coef * objective["kl"]
         if self.args.cuda:  # the device that runs (setup_run resolved it)
             record["memory/cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        self.log({**record, **algo_stats})
+        means = mean_over_ranks(torch.tensor(list(algo_stats.values()), dtype=torch.float64))
+        self.log({**record, **dict(zip(algo_stats, means.tolist(), strict=True))})
         self.bar.n = episode
         self.bar.set_postfix(score=f"{objective['scores']:.3f}", kl=f"{objective['kl']:.3f}")
 
     def log_eval(self, episode, record, samples):
         """An evaluation: its record, a console line, and its prompts, responses and scores in samples.jsonl."""
+        if self.rank > 0:  # rank 0 evaluated for all
+            return
         self.log({"episode": episode, **record})
         gold = f", gold score {record['eval/gold_scores']:.3f}" if "eval/gold_scores" in record else ""
         self.last_eval = f"eval score {record['eval/scores']:.3f}{gold}, KL {record['eval/kl']:.3f}"
@@ -534,12 +685,53 @@ class RunLogger:
         with open(os.path.join(self.dir, "samples.jsonl"), "a") as f:
             f.writelines(json.dumps({"episode": episode, **s}) + "\n" for s in samples)
 
+    def save_checkpoint(self, trained, own, loop):
+        """--save-every: <output-dir>/checkpoint.pt holds all the next update depends on: `trained` (models, optimizers,
+        scaler: the same on every rank), each rank's `own` (its sampling generator, SAC's buffer) and RNG states, the
+        loop's counters and the records' lengths. Written under a temporary name, then renamed: Ctrl-C or a crash
+        leaves the previous checkpoint whole."""
+        own = {name: state_of(obj) for name, obj in own.items()}
+        own["rng"] = [torch.get_rng_state(), random.getstate(), torch.cuda.get_rng_state() if self.args.cuda else None]
+        ranks = [own]
+        if torch.distributed.is_initialized():  # rank 0 writes every rank's own states
+            ranks = [None] * torch.distributed.get_world_size() if self.rank == 0 else None
+            torch.distributed.gather_object(own, ranks)
+        if self.rank == 0:
+            records = {"metrics.jsonl": self.file.tell()}
+            records["samples.jsonl"] = os.path.getsize(os.path.join(self.dir, "samples.jsonl"))
+            state = {"trained": {name: state_of(obj) for name, obj in trained.items()}, "ranks": ranks}
+            path = os.path.join(self.dir, "checkpoint.pt")
+            torch.save(state | {"loop": loop, "records": records}, path + ".tmp")
+            os.replace(path + ".tmp", path)
+
+    def resume(self, trained, own):
+        """--resume: put the checkpoint's states into the run's objects (built as for a new run) and return its loop."""
+        state, self.checkpoint = self.checkpoint, None
+        num_ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if len(state["ranks"]) != num_ranks:
+            fail(f"--resume: {len(state['ranks'])} processes wrote the checkpoint; resume with as many (torchrun)")
+        for name, obj in trained.items():
+            load_state(obj, state["trained"][name])
+        mine = state["ranks"][self.rank]
+        for name, obj in own.items():
+            load_state(obj, mine[name])
+        torch.set_rng_state(mine["rng"][0])
+        random.setstate(mine["rng"][1])
+        if self.args.cuda and mine["rng"][2] is not None:
+            torch.cuda.set_rng_state(mine["rng"][2])
+        self.episode = state["loop"]["episode"]
+        return state["loop"]
+
     def finish(self, policy, tokenizer, start_time):
         """Save the final policy (with --save-model), close the records and say what the run achieved."""
+        self.bar.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if self.rank > 0:
+            return
         if self.args.save_model:
             policy.save_pretrained(os.path.join(self.dir, "model"))
             tokenizer.save_pretrained(os.path.join(self.dir, "model"))
-        self.bar.close()
         self.file.close()
         os.remove(os.path.join(self.dir, "INCOMPLETE"))
         if self.wandb is not None:
@@ -550,12 +742,14 @@ class RunLogger:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    check_args(args, ALGO_RANGES)
-    if args.batch_size % args.rloo_k != 0:
-        fail(f"--batch-size {args.batch_size} must be divisible by --rloo-k {args.rloo_k} (k responses per prompt)")
-    if args.batch_size % args.gradient_accumulation_steps != 0:
-        fail(f"--batch-size {args.batch_size} must be divisible by --gradient-accumulation-steps")
-    micro_batch_size = args.batch_size // args.gradient_accumulation_steps
+    rank, world_size = setup_distributed(args)
+    check_args(args, ALGO_RANGES, world_size)
+    local_batch_size = args.batch_size // world_size  # each rank's share of the rollout
+    if local_batch_size % args.rloo_k != 0:
+        fail(f"--batch-size {args.batch_size} must be divisible by --rloo-k {args.rloo_k} x {world_size} processes")
+    if local_batch_size % args.gradient_accumulation_steps != 0:
+        fail(f"--batch-size {args.batch_size} must be divisible by --gradient-accumulation-steps times the processes")
+    micro_batch_size = local_batch_size // args.gradient_accumulation_steps
     train_prompts = load_prompts(args.dataset, "--dataset")
     eval_prompts = load_prompts(args.eval_dataset, "--eval-dataset", args.eval_size)
 
@@ -564,29 +758,39 @@ if __name__ == "__main__":
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
     eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     params = list(policy.parameters())
     # eps=1e-5 as in N+ (sec. 7, PPO setup); no weight decay, so the KL-regularised optimum stays the fixed point.
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     # fp16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    logger = RunLogger(args, run_name)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    logger = RunLogger(args, run_name, rank)
+    generator = torch.Generator(device=device).manual_seed(args.seed + 100_000 * rank)  # each rank's sampling seed
     num_updates = args.total_episodes // args.batch_size
     kl_coef = args.kl_coef
     episode, next_eval, order = 0, args.eval_every, []
     time_rollout = time_update = 0.0
     start_time = time.time()
     eval_models = (policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast)
-    logger.log_eval(0, *evaluate(*eval_models))
+    # What a checkpoint keeps (--save-every): the trained state, and each rank's own sampling generator.
+    trained = {"policy": policy, "optimizer": optimizer, "scaler": scaler}
+    trained |= {"ref_policy": ref_policy} if args.ref_sync_every else {}
+    if args.resume:  # the run goes on from its last checkpoint exactly as if it had never stopped
+        loop = logger.resume(trained, {"generator": generator})
+        episode, next_eval, order, kl_coef = loop["episode"], loop["next_eval"], loop["order"], loop["kl_coef"]
+        time_rollout, time_update, start_time = loop["time_rollout"], loop["time_update"], time.time() - loop["elapsed"]
+    else:
+        logger.log_eval(0, *evaluate(*eval_models))
 
-    for update in range(1, num_updates + 1):
+    for update in range(episode // args.batch_size + 1, num_updates + 1):
         # Linear learning-rate decay to 0 over the run (N details, General #5).
         lr = args.learning_rate * (1.0 - (update - 1.0) / num_updates)
         optimizer.param_groups[0]["lr"] = lr
 
         # ROLLOUT: batch_size / k prompts (reshuffled each pass over the data), each repeated k times in a row.
         t0 = time.time()
-        batch = next_prompt_indices(order, args.batch_size // args.rloo_k, len(train_ids))
+        batch = next_prompt_indices(order, args.batch_size // args.rloo_k, len(train_ids))[rank::world_size]
         query, query_mask = left_pad([train_ids[i] for i in batch for _ in range(args.rloo_k)], pad_id, device)
         responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
             policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
@@ -600,15 +804,16 @@ if __name__ == "__main__":
             kl_in_reward, kl_in_loss = (kl_coef, 0.0) if args.kl_in == "reward" else (0.0, kl_coef)
             rewards = sequence_rewards(scores, logprobs, ref_logprobs, mask, kl_in_reward, args.kl_estimator)
             advantages, baselines = rloo_advantages(rewards, args.rloo_k)
-            if args.normalize_advantage:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            if args.normalize_advantage:  # over the global batch (every rank's responses, under torchrun)
+                all_advantages = all_gather(advantages)
+                advantages = (advantages - all_advantages.mean()) / (all_advantages.std() + 1e-8)
             old_seq_logprobs = logprobs.sum(1)
 
         # RLOO UPDATE: one optimizer step per pass over the batch, micro-batched to bound memory.
         stats = []
         for _epoch in range(args.num_ppo_epochs):
-            perm = torch.randperm(args.batch_size, device=device)
-            for micro_start in range(0, args.batch_size, micro_batch_size):
+            perm = torch.randperm(local_batch_size, device=device)
+            for micro_start in range(0, local_batch_size, micro_batch_size):
                 i = perm[micro_start : micro_start + micro_batch_size]
                 micro_batch = (query[i], query_mask[i], responses[i], mask[i].long())
                 new_logprobs, _ = forward_logprobs(policy, *micro_batch, args.temperature, autocast)
@@ -619,6 +824,7 @@ if __name__ == "__main__":
                 check_finite(loss, update)
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
                 stats.append(pg_stats if args.num_ppo_epochs > 1 else {"loss/policy": pg_stats["loss/policy"]})
+            average_gradients(params)
             if args.max_grad_norm is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -629,8 +835,11 @@ if __name__ == "__main__":
 
         # LOGGING: the common keys, then the means of the update's statistics and the algorithm's own diagnostics.
         stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        stats.update({"rloo/advantage_std": advantages.std().item(), "rloo/baseline_mean": baselines.mean().item()})
-        objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)
+        all_advantages, all_baselines = all_gather(advantages), all_gather(baselines)  # the global batch's
+        stats.update(
+            {"rloo/advantage_std": all_advantages.std().item(), "rloo/baseline_mean": all_baselines.mean().item()}
+        )
+        objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=True)
         logger.log_train(episode, update, lr, kl_coef, objective, start_time, time_rollout, time_update, stats)
 
         if args.ref_sync_every > 0 and update % args.ref_sync_every == 0:
@@ -640,5 +849,11 @@ if __name__ == "__main__":
         if episode >= next_eval or update == num_updates:
             next_eval += args.eval_every
             logger.log_eval(episode, *evaluate(*eval_models))
+
+        # CHECKPOINT, when a multiple of --save-every episodes was passed in this update.
+        if args.save_every and episode % args.save_every < args.batch_size and update < num_updates:
+            loop = {"episode": episode, "next_eval": next_eval, "order": order, "kl_coef": kl_coef}
+            loop |= {"time_rollout": time_rollout, "time_update": time_update, "elapsed": time.time() - start_time}
+            logger.save_checkpoint(trained, {"generator": generator}, loop)
 
     logger.finish(policy, tokenizer, start_time)

@@ -48,6 +48,8 @@ class Args:
     """None: the tinyworld models; else a random Llama policy and reward model of this width (and --layers)"""
     layers: int = 8
     """layers of the random models (--hidden-size 512 --layers 8: 25M matmul parameters each)"""
+    nproc: int = 1
+    """processes per run: 1 = `python <script>`, N > 1 = `torchrun --nproc-per-node N`, the cores split between them"""
 
 
 def build_random_models(args, folder):
@@ -145,8 +147,10 @@ def update_flops(script, run_args):
 def run_once(script, args, seed, folder, models):
     """One run as a child process; returns its last training record, wall time, peak RSS in MiB and args.json."""
     out = os.path.join(folder, f"{script}-{seed}")
+    launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd = [
-        sys.executable,
+        *launcher,
+        *([f"--nproc-per-node={args.nproc}"] if args.nproc > 1 else []),
         os.path.join(REPO, script),
         "--seed",
         str(seed),
@@ -167,7 +171,9 @@ def run_once(script, args, seed, folder, models):
         *models,
         *args.extra.split(),
     ]
-    wall, peak_rss = run_child(cmd)  # the machine's default thread count, as a user would run it
+    # One process: the machine's default thread count, as a user would run it; N: the cores shared out among them.
+    threads = {} if args.nproc == 1 else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
+    wall, peak_rss = run_child(cmd, env={**os.environ, **threads})  # peak RSS: the largest process's
     with open(os.path.join(out, "metrics.jsonl")) as f:
         last = [r for r in map(json.loads, f) if "objective/scores" in r][-1]
     with open(os.path.join(out, "args.json")) as f:
@@ -182,7 +188,8 @@ if __name__ == "__main__":
         name = models[1] if models else os.path.join(REPO, "tinyworld", "sft")
         print(
             f"batch {args.batch_size}, {args.response_length}-token responses, {args.total_episodes} episodes, "
-            f"{args.repeats} run(s) per script, {os.cpu_count()} CPU cores; fp32 matmul peak {peak:.0f} GFLOP/s; "
+            f"{args.repeats} run(s) per script, {args.nproc} process(es) per run, {os.cpu_count()} CPU cores; "
+            f"fp32 matmul peak {peak:.0f} GFLOP/s; "
             f"policy of {model_shape(name, AutoModelForCausalLM)[0] / 1e6:.1f}M matmul parameters"
         )
         print(

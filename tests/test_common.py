@@ -542,7 +542,7 @@ def test_rollout_subtracts_the_missing_eos_penalty_from_responses_without_eos(ll
     raw = torch.tensor([[5, eos, 9], [5, 6, 7], [eos, 8, 8]])
     monkeypatch.setattr(ppo, "generate", lambda *a: raw)
     query, query_mask = ppo.left_pad([[5, 6], [7], [8, 9]], pad, "cpu")
-    args = types.SimpleNamespace(temperature=1.0, stop_at_eos=True, missing_eos_penalty=2.5)
+    args = types.SimpleNamespace(temperature=1.0, stop_at_eos=True, missing_eos_penalty=2.5, rollout_micro_batch_size=2)
     responses, mask, has_eos, logprobs, ref_logprobs, _, scores = ppo.rollout(
         policy, policy, rm, query, query_mask, args, eos, pad, None, NO_AUTOCAST
     )

@@ -1,0 +1,254 @@
+"""From a laptop to many GPUs (README, "Real models"): torchrun data parallel on the CPU with gloo, exact resumption
+from checkpoints, gradient checkpointing and chunked no-grad forward passes. Every run here is a real run of a script;
+two processes run with one thread each."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.fixed_sampling import inverse_cdf_sampler
+from tests.helpers import NO_AUTOCAST, OFFLINE_ENV, REPO, read_jsonl, run_main, run_script
+
+SCRIPTS = ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"]
+SMALL = ["--batch-size", "32", "--eval-size", "16", "--response-length", "8"]
+# A batch that every process count here splits into whole prompts and whole minibatches (PPO: one minibatch, so one
+# process and two see the same minibatch; SAC: the buffer holds one rollout, so every minibatch is all of it).
+SAME_STEPS = {"ppo_rlhf.py": ["--num-minibatches", "1"], "rloo_rlhf.py": [], "sac_rlhf.py": ["--buffer-size", "32"]}
+
+
+def torchrun(nproc, *args, cwd, timeout=600):
+    """`torchrun --standalone --nproc-per-node nproc *args` on the CPU (gloo), offline, one thread per process."""
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *map(str, args),
+    ]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def records(run, prefixes=("episode", "objective/", "eval/")):
+    """metrics.jsonl without the wall-clock keys (or only the keys with the given prefixes)."""
+    return [{k: v for k, v in r.items() if k.startswith(prefixes)} for r in read_jsonl(run / "metrics.jsonl")]
+
+
+def assert_close_records(a, b, tol):
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for key, value in ra.items():
+            assert rb[key] == pytest.approx(value, rel=tol, abs=tol), (ra["episode"], key)
+
+
+def policy_weights(run):
+    return load_file(run / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_processes_take_the_same_steps_as_one(script, tmp_path, monkeypatch):
+    """With the same responses (fixed sampling, tests/fixed_sampling.py), two processes that each hold half of every
+    batch average their gradients to the one-process gradient of the whole batch: the same policy after three updates
+    (float noise: sums in another order), the same common metrics, which are those of the global batch."""
+    k = "4" if script == "rloo_rlhf.py" else "1"
+    flags = [*SMALL, *SAME_STEPS[script], "--total-episodes", "96", "--eval-every", "64"]
+    monkeypatch.setattr(torch, "multinomial", inverse_cdf_sampler(int(k)))  # this process: the one-process run
+    code, _, stderr = run_main(script, *flags, "--output-dir", tmp_path / "one", cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    sampled = [str(REPO / "tests" / "fixed_sampling.py"), k, str(REPO / script), *flags]
+    two = torchrun(2, *sampled, "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_close_records(records(tmp_path / "one"), records(tmp_path / "two"), tol=1e-5)
+    assert read_jsonl(tmp_path / "one" / "samples.jsonl")[-1]["response"] != ""
+    trained_one, trained_two = policy_weights(tmp_path / "one"), policy_weights(tmp_path / "two")
+    start = load_file(REPO / "tinyworld" / "sft" / "model.safetensors")
+    assert any(not torch.equal(weight, start[name]) for name, weight in trained_one.items())  # it learned
+    for name, weight in trained_one.items():
+        torch.testing.assert_close(trained_two[name], weight, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("script, episodes", [("ppo_rlhf.py", 256), ("rloo_rlhf.py", 1024)], ids=SCRIPTS[:2])
+def test_a_two_process_run_learns_and_writes_one_run_folder(script, episodes, tmp_path):
+    """A real two-process run (each rank its own sampling seed) raises the evaluation score, and rank 0 alone writes
+    the run folder, with the common keys in every record. (SAC's two-process run: the resume test below.)"""
+    out = tmp_path / "run"
+    result = torchrun(
+        2,
+        str(REPO / script),
+        *SMALL,
+        "--total-episodes",
+        episodes,
+        "--eval-every",
+        episodes,
+        "--output-dir",
+        out,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["args.json", "metrics.jsonl", "model", "samples.jsonl"]
+    assert not (tmp_path / "runs").exists()  # the other rank made no folder of its own
+    rows = read_jsonl(out / "metrics.jsonl")
+    train, evals = [r for r in rows if "update" in r], [r for r in rows if "eval/scores" in r]
+    assert [r["episode"] for r in train] == list(range(32, episodes + 1, 32))
+    assert all({"objective/scores", "objective/kl", "objective/entropy", "loss/policy"} <= set(r) for r in train)
+    assert [r["episode"] for r in evals] == [0, episodes]
+    assert evals[1]["eval/scores"] > evals[0]["eval/scores"] + 0.2
+    assert len(read_jsonl(out / "samples.jsonl")) == 2 * 16  # one evaluation set each time, not one per rank
+
+
+def interrupt_after_first_checkpoint(command, out, env):
+    """Start a run in out's parent folder, press Ctrl-C once its first checkpoint exists, and return what it printed."""
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(command, cwd=out.parent, env=env, stdout=pipe, stderr=pipe, text=True)
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "the run ended before it was interrupted: give it more updates"
+    return stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_interrupted_run_resumed_writes_the_same_records_and_policy(script, tmp_path):
+    """Ctrl-C leaves the last checkpoint whole; --resume continues from it and writes the same metrics.jsonl and
+    samples.jsonl (every number but the wall-clock times) and the same final policy as a run never stopped. SAC with
+    a buffer that wraps and alpha tuned, so the buffer, its position and alpha's optimizer must come back too."""
+    flags = [*SMALL, "--batch-size", "16", "--total-episodes", "192", "--eval-every", "64", "--save-every", "32"]
+    if script == "sac_rlhf.py":
+        flags += ["--buffer-size", "48", "--autotune", "--alpha", "0.05", "--ref-sync-every", "5"]
+    if script == "ppo_rlhf.py":
+        flags += ["--kl-target", "1.0"]  # kl_coef moves: it must come back too
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert run_main(script, *flags, "--output-dir", full, cwd=tmp_path)[0] == 0
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / script), *flags, "--output-dir", str(stopped)]
+    stderr = interrupt_after_first_checkpoint(command, stopped, env)
+    assert "interrupted by Ctrl-C" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert len(read_jsonl(stopped / "metrics.jsonl")) < len(read_jsonl(full / "metrics.jsonl"))
+    code, _, stderr = run_main(script, *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert records(stopped, ("episode", "update", "lr", "objective/", "eval/", "loss/", "ppo/", "rloo/", "sac/")) == (
+        records(full, ("episode", "update", "lr", "objective/", "eval/", "loss/", "ppo/", "rloo/", "sac/"))
+    )
+    assert read_jsonl(stopped / "samples.jsonl") == read_jsonl(full / "samples.jsonl")
+    for name, weight in policy_weights(full).items():
+        assert torch.equal(policy_weights(stopped)[name], weight), name
+
+
+def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
+    """Under torchrun the checkpoint holds every rank's sampling generator and SAC buffer: an interrupted two-process
+    run resumed with two processes writes the same records as one never stopped; with one process it is refused."""
+    flags = [*SMALL, "--total-episodes", "256", "--eval-every", "128", "--save-every", "64", "--buffer-size", "64"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert torchrun(2, str(REPO / "sac_rlhf.py"), *flags, "--output-dir", full, cwd=tmp_path).returncode == 0
+    evals = [r["eval/scores"] for r in read_jsonl(full / "metrics.jsonl") if "eval/scores" in r]
+    assert evals[-1] > evals[0] + 0.2  # it learns
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    interrupt_after_first_checkpoint(
+        [*launcher, str(REPO / "sac_rlhf.py"), *flags, "--output-dir", str(stopped)], stopped, env
+    )
+    alone = run_script("sac_rlhf.py", *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
+    assert alone.returncode != 0 and "2 processes wrote the checkpoint" in alone.stderr
+    assert "Traceback" not in alone.stderr
+    resumed = torchrun(2, str(REPO / "sac_rlhf.py"), *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert records(stopped, ("episode", "objective/", "eval/", "loss/", "sac/")) == records(
+        full, ("episode", "objective/", "eval/", "loss/", "sac/")
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_memory_flags_change_no_number_beyond_float_noise(script, tmp_path):
+    """--gradient-checkpointing (layers recomputed in the backward pass) and --rollout-micro-batch-size 5 (no-grad
+    forward passes over 5 rows at a time, a last slice of 1) give the same run up to float noise."""
+    flags = [*SMALL, "--total-episodes", "64", "--eval-every", "64"]
+    assert run_main(script, *flags, "--output-dir", tmp_path / "plain", cwd=tmp_path)[0] == 0
+    memory = ["--gradient-checkpointing", "--rollout-micro-batch-size", "5"]
+    code, _, stderr = run_main(script, *flags, *memory, "--output-dir", tmp_path / "memory", cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert_close_records(records(tmp_path / "plain"), records(tmp_path / "memory"), tol=1e-4)
+
+
+def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_kv_cache(worlds, monkeypatch):
+    """On every fixture architecture: with a gradient, each decoder layer runs under torch.utils.checkpoint and the
+    gradient is the one without; without a gradient (sampling) nothing is checkpointed and the KV cache still works."""
+    import ppo_rlhf as ppo
+
+    checkpointed = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: checkpointed.append(1) or checkpoint(*a, **k)
+    )
+    for world in worlds.values():
+        plain = ppo.AutoModelForCausalLM.from_pretrained(world.policy).eval()
+        recomputed = ppo.AutoModelForCausalLM.from_pretrained(world.policy).eval()
+        ppo.enable_gradient_checkpointing(recomputed)
+        query, query_mask = ppo.left_pad([[3, 4, 5], [6, 7]], 0, "cpu")
+        responses = torch.tensor([[8, 9, 10], [11, 12, 13]])
+        grads = []
+        for model in [plain, recomputed]:
+            logprobs, _ = ppo.forward_logprobs(
+                model, query, query_mask, responses, torch.ones_like(responses), 1.0, NO_AUTOCAST
+            )
+            logprobs.sum().backward()
+            grads.append([p.grad for p in model.parameters()])
+        assert len(checkpointed) == plain.config.num_hidden_layers, world.arch
+        for g_plain, g_recomputed in zip(*grads, strict=True):
+            torch.testing.assert_close(g_recomputed, g_plain)
+        checkpointed.clear()
+        args = ppo.Args(response_length=5, stop_at_eos=False)
+        samples = [
+            ppo.generate(m, query, query_mask, args, -1, torch.Generator().manual_seed(0), NO_AUTOCAST)
+            for m in [plain, recomputed]
+        ]
+        assert torch.equal(samples[0], samples[1]) and not checkpointed
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A short RLOO run with a checkpoint, marked as stopped (INCOMPLETE), and its flags."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    flags = [*SMALL, "--total-episodes", "64", "--eval-every", "64", "--save-every", "32", "--output-dir", str(run)]
+    assert run_script("rloo_rlhf.py", *flags, cwd=run.parent).returncode == 0
+    (run / "INCOMPLETE").write_text("as if stopped\n")
+    return run, flags
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--resume", "--output-dir", "{run}x"], "--resume: --output-dir {run}x holds no checkpoint"),
+        (["--resume", "--learning-rate", "1e-3"], "--learning-rate is 0.001 here but 0.0003 in"),
+        (["--resume", "--overwrite-output-dir"], "pass no --overwrite-output-dir"),
+        (["--rollout-micro-batch-size", "0"], "--rollout-micro-batch-size must be in [1, inf)"),
+        (["--save-every", "-1"], "--save-every must be in [0, inf)"),
+    ],
+)
+def test_bad_resume_and_memory_flags_end_in_one_line(flags, message, stopped_run):
+    run, base = stopped_run
+    before = (run / "metrics.jsonl").read_text()
+    code, _, stderr = run_main("rloo_rlhf.py", *base, *[f.format(run=run) for f in flags], cwd=run.parent)
+    assert code != 0 and message.format(run=run) in stderr and "Traceback" not in stderr, stderr
+    assert (run / "metrics.jsonl").read_text() == before  # nothing of the run was touched
+
+
+def test_a_finished_run_is_not_resumed_and_batches_must_split_over_the_processes(stopped_run, tmp_path):
+    run, flags = stopped_run
+    finished = tmp_path / "finished"
+    shutil.copytree(run, finished)
+    (finished / "INCOMPLETE").unlink()
+    code, _, stderr = run_main("rloo_rlhf.py", *flags, "--output-dir", finished, "--resume", cwd=run.parent)
+    assert code != 0 and "has finished; there is nothing to resume" in stderr
+    result = torchrun(3, str(REPO / "ppo_rlhf.py"), "--batch-size", "32", "--output-dir", tmp_path / "x", cwd=tmp_path)
+    assert result.returncode != 0 and "--batch-size 32 does not split over 3 processes" in result.stderr
+    assert not (tmp_path / "x").exists()
