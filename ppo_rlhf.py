@@ -86,6 +86,7 @@ class Args:
     num_minibatches: int = 4  # number of minibatches (optimizer steps) per epoch
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch (gradients summed before each optimizer step)
     clip_coef: float = 0.2  # the policy ratio clip range
+    clip_mode: Literal["two-sided", "one-sided"] = "two-sided"  # PPO's clip, or the weight min(ratio, 1 + clip_coef)
     vf_clip_coef: float = 0.2  # the value clip range (around the rollout-time values)
     vf_coef: float = 0.1  # the weight of the value loss
     gamma: float = 1.0  # the discount factor
@@ -167,19 +168,37 @@ def compute_gae(rewards, values, mask, gamma, lam):
     return advantages * mask, (advantages + values) * mask
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef):
-    """Clipped surrogate (Schulman et al. 2017, eq. 7), averaged over real tokens:
-    mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) with rho_t = pi(y_t | s_t) / pi_old(y_t | s_t).
-    At ratio 1 its gradient is -mean_t A_t grad log pi(y_t | s_t): divided by the minibatch's number of tokens.
-    Returns (loss, its statistics).
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_coef, clip_mode):
+    """The policy loss, averaged over real tokens, with rho_t = pi(y_t | s_t) / pi_old(y_t | s_t) and eps = clip_coef.
+
+    two-sided, PPO's clipped surrogate (Schulman et al. 2017, eq. 7):
+        mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)).
+    A token whose ratio has left [1 - eps, 1 + eps] in the direction its advantage pushes gets no gradient.
+    one-sided, a truncated importance weight, with sg[.] a stop-gradient:
+        -mean_t sg[min(rho_t, 1 + eps)] A_t log pi(y_t | s_t), gradient -mean_t min(rho_t, 1 + eps) A_t grad log pi.
+    That is the AIPO update of LlamaRL (Meta GenAI 2025, https://arxiv.org/abs/2505.24034), sum_t min(pi / mu, rho)
+    A_t grad log pi, with the sampling policy mu = pi_old and rho = 1 + eps (its suggested rho in [2, 10] is
+    --clip-coef 1 to 9), itself IMPALA's truncated importance weight min(rho-bar, pi / mu) (Espeholt et al. 2018,
+    V-trace, sec. 4, https://arxiv.org/abs/1802.01561). Up to 1 + eps its gradient is the unclipped surrogate's,
+    -A_t grad rho_t; above, the weight stays 1 + eps. No token loses its gradient and there is no lower bound: it caps
+    the weights' variance, not the policy's step. Its value (logged as loss/policy) holds log pi, not the surrogate's:
+    compare gradients, not values, between the modes.
+    At ratio 1 both give -mean_t A_t grad log pi(y_t | s_t): divided by the minibatch's number of tokens.
+    "ppo/clipfrac": the fraction of tokens outside [1 - eps, 1 + eps] (two-sided), or above 1 + eps, the ones whose
+    weight was truncated (one-sided). Returns (loss, its statistics).
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
-    pg_losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
+    if clip_mode == "two-sided":
+        pg_losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
+        clipped = (ratio - 1).abs() > clip_coef
+    else:
+        pg_losses = -torch.clamp(ratio.detach(), max=1 + clip_coef) * advantages * logprobs
+        clipped = ratio > 1 + clip_coef
     with torch.no_grad():
         stats = {
             "ppo/approxkl": (0.5 * masked_mean(log_ratio**2, mask)).item(),
-            "ppo/clipfrac": masked_mean(((ratio - 1).abs() > clip_coef).float(), mask).item(),
+            "ppo/clipfrac": masked_mean(clipped.float(), mask).item(),
             "ppo/ratio_mean": masked_mean(ratio, mask).item(),
         }
     return masked_mean(pg_losses, mask), stats
@@ -866,7 +885,7 @@ if __name__ == "__main__":
                     new_logprobs, _ = forward_logprobs(policy, *micro_batch, args.temperature, autocast)
                     new_values = get_values(value_model, *micro_batch, autocast)
                     pg_loss, pg_stats = ppo_policy_loss(
-                        new_logprobs, logprobs[i], advantages[i], mask[i], args.clip_coef
+                        new_logprobs, logprobs[i], advantages[i], mask[i], args.clip_coef, args.clip_mode
                     )
                     vf_loss, vf_stats = ppo_value_loss(new_values, values[i], returns[i], mask[i], args.vf_clip_coef)
                     kl_loss = token_kl_loss(new_logprobs, ref_logprobs[i], mask[i], kl_in_loss, args.kl_estimator)

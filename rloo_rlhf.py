@@ -87,6 +87,7 @@ class Args:
     num_ppo_epochs: int = 1  # passes over each rollout batch; 1 = plain REINFORCE; > 1 adds the sequence-ratio clip
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (gradients summed), to bound memory
     clip_coef: float = 0.2  # the sequence ratio clip range, active only from the second epoch on
+    clip_mode: Literal["two-sided", "one-sided"] = "two-sided"  # PPO's clip, or the weight min(ratio, 1 + clip_coef)
     normalize_advantage: bool = False  # normalise each batch's advantages to mean 0 and std 1 (off in the paper)
     max_grad_norm: float | None = 1.0  # global gradient-norm clip (None disables)
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # the per-token KL estimator of Schulman 2020 (see kl_penalty)
@@ -141,22 +142,37 @@ def rloo_advantages(rewards, k):
     return (grouped - baselines).flatten(), baselines.flatten()
 
 
-def rloo_policy_loss(seq_logprobs, old_seq_logprobs, advantages, clip_coef):
+def rloo_policy_loss(seq_logprobs, old_seq_logprobs, advantages, clip_coef, clip_mode):
     """REINFORCE on whole responses, -A_i * log pi(y_i | x_i), through a clipped sequence ratio, batch mean.
 
-    On a batch's first pass the ratio pi / pi_old is exactly 1, the clip never acts, and the gradient is
-    -mean_i A_i grad sum_t log pi(y_t | s_t): plain REINFORCE. The ratio loss is then 0 (leave-one-out advantages sum
-    to 0 per prompt), so "loss/policy" reports -mean_i A_i log pi(y_i | x_i), same gradient, below 0 when the policy
-    already favours each prompt's better responses. Returns (loss, its statistics).
+    With rho_i = pi(y_i | x_i) / pi_old(y_i | x_i) (the sequence ratio) and eps = clip_coef:
+    two-sided, PPO's clipped surrogate (Schulman et al. 2017, eq. 7) on sequences:
+        mean_i max(-A_i rho_i, -A_i clip(rho_i, 1 - eps, 1 + eps)).
+    one-sided, a truncated importance weight, with sg[.] a stop-gradient:
+        -mean_i sg[min(rho_i, 1 + eps)] A_i log pi(y_i | x_i), gradient -mean_i min(rho_i, 1 + eps) A_i grad log pi.
+    That is LlamaRL's AIPO update (Meta GenAI 2025, https://arxiv.org/abs/2505.24034; rho = 1 + eps, suggested in
+    [2, 10]) on whole responses, IMPALA's truncated weight min(rho-bar, pi / mu) (https://arxiv.org/abs/1802.01561).
+    Up to 1 + eps it has the unclipped surrogate's gradient; above, the weight stays 1 + eps: never 0, no lower bound.
+    "rloo/clipfrac": the fraction of responses outside [1 - eps, 1 + eps] (two-sided), or above 1 + eps, the ones
+    whose weight was truncated (one-sided).
+    On a batch's first pass the ratio pi / pi_old is exactly 1, neither clip acts, and the gradient is
+    -mean_i A_i grad sum_t log pi(y_t | s_t): plain REINFORCE. The two-sided loss is then 0 (leave-one-out advantages
+    sum to 0 per prompt), so "loss/policy" reports -mean_i A_i log pi(y_i | x_i) (the one-sided loss's value there),
+    same gradient, below 0 when the policy already favours each prompt's better responses. Returns (loss, its stats).
     """
     log_ratio = seq_logprobs - old_seq_logprobs
     ratio = torch.exp(log_ratio)
-    losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
+    if clip_mode == "two-sided":
+        losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef))
+        clipped = (ratio - 1).abs() > clip_coef
+    else:
+        losses = -torch.clamp(ratio.detach(), max=1 + clip_coef) * advantages * seq_logprobs
+        clipped = ratio > 1 + clip_coef
     with torch.no_grad():
         stats = {
             "loss/policy": -(advantages * seq_logprobs).mean().item(),
             "rloo/approxkl": (0.5 * (log_ratio**2).mean()).item(),
-            "rloo/clipfrac": ((ratio - 1).abs() > clip_coef).float().mean().item(),
+            "rloo/clipfrac": clipped.float().mean().item(),
             "rloo/ratio_mean": ratio.mean().item(),
         }
     return losses.mean(), stats
@@ -818,7 +834,9 @@ if __name__ == "__main__":
                 micro_batch = (query[i], query_mask[i], responses[i], mask[i].long())
                 new_logprobs, _ = forward_logprobs(policy, *micro_batch, args.temperature, autocast)
                 seq_logprobs = (new_logprobs * mask[i]).sum(1)  # [micro] log pi(y_i | x_i)
-                pg_loss, pg_stats = rloo_policy_loss(seq_logprobs, old_seq_logprobs[i], advantages[i], args.clip_coef)
+                pg_loss, pg_stats = rloo_policy_loss(
+                    seq_logprobs, old_seq_logprobs[i], advantages[i], args.clip_coef, args.clip_mode
+                )
                 kl_loss = sequence_kl_loss(new_logprobs, ref_logprobs[i], mask[i], kl_in_loss, args.kl_estimator)
                 loss = pg_loss + kl_loss
                 check_finite(loss, update)

@@ -105,7 +105,7 @@ def expected_code_gradient(estimator, kl_in):
             torch.zeros(1), lp.detach(), rlp, mask, BETA if kl_in == "reward" else 0.0, estimator
         )
         advantages, _ = ppo.compute_gae(rewards, torch.zeros(1, 2), mask, 1.0, 1.0)
-        loss, *_ = ppo.ppo_policy_loss(lp, lp.detach(), advantages, mask, 0.2)
+        loss, *_ = ppo.ppo_policy_loss(lp, lp.detach(), advantages, mask, 0.2, "two-sided")
         loss = loss + ppo.token_kl_loss(
             lp, rlp, mask, BETA if kl_in == "loss" else 0.0, estimator
         )  # as the loop adds it
@@ -174,7 +174,7 @@ def test_policy_clip_stops_the_gradient_only_where_the_ratio_left_the_range_in_t
     old = torch.zeros(1, 4)
     new = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]])).requires_grad_()  # ratios 1.5, 1.5, 0.5, 0.5
     advantages, mask = torch.tensor([[1.0, -1.0, 1.0, -1.0]]), torch.ones(1, 4)
-    loss, stats = ppo.ppo_policy_loss(new, old, advantages, mask, 0.2)
+    loss, stats = ppo.ppo_policy_loss(new, old, advantages, mask, 0.2, "two-sided")
     # Per token: max(-A r, -A clip(r)): -1.2 (clipped), 1.5, -0.5, 0.8 (clipped); their mean.
     assert loss.item() == pytest.approx((-1.2 + 1.5 - 0.5 + 0.8) / 4)
     grad = torch.autograd.grad(loss, new)[0]
@@ -182,13 +182,109 @@ def test_policy_clip_stops_the_gradient_only_where_the_ratio_left_the_range_in_t
     torch.testing.assert_close(grad, torch.tensor([[0.0, 1.5 / 4, -0.5 / 4, 0.0]]))
     assert stats["ppo/clipfrac"] == 1.0 and stats["ppo/ratio_mean"] == pytest.approx(1.0)
     assert stats["ppo/approxkl"] == pytest.approx(0.5 * (2 * math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2) / 4)
-    masked, stats = ppo.ppo_policy_loss(new, old, advantages, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 0.2)
+    masked, stats = ppo.ppo_policy_loss(new, old, advantages, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 0.2, "two-sided")
     assert masked.item() == pytest.approx((-1.2 + 1.5 - 0.5) / 3)  # means over real tokens only
     assert stats["ppo/ratio_mean"] == pytest.approx(3.5 / 3) and stats["ppo/clipfrac"] == 1.0
     _, stats = ppo.ppo_policy_loss(
-        torch.log(torch.tensor([[1.1, 0.5]])), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.2
+        torch.log(torch.tensor([[1.1, 0.5]])), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.2, "two-sided"
     )
     assert stats["ppo/clipfrac"] == 0.5 and stats["ppo/ratio_mean"] == pytest.approx(0.8)
+
+
+# ---------------------------------------------------------------------------------------------
+# --clip-mode one-sided: a truncated importance weight (LlamaRL's AIPO, IMPALA's rho-bar)
+# ---------------------------------------------------------------------------------------------
+def one_sided_loop(new, old, advantages, mask, eps):
+    """The one-sided loss and its gradient with respect to log pi, by a plain loop over the real tokens:
+    loss = -sum_t w_t A_t log pi_t / n and gradient -w_t A_t / n (w_t = min(r_t, 1 + eps) is a constant), 0 at padding.
+    """
+    n = mask.sum().item()
+    loss, grad = 0.0, torch.zeros_like(new)
+    for b in range(new.shape[0]):
+        for t in range(new.shape[1]):
+            if mask[b, t] == 1:
+                weight = min(math.exp(new[b, t].item() - old[b, t].item()), 1 + eps)
+                loss -= weight * advantages[b, t].item() * new[b, t].item() / n
+                grad[b, t] = -weight * advantages[b, t].item() / n
+    return loss, grad
+
+
+def test_one_sided_clip_matches_a_plain_loop_over_tokens():
+    # Ratios below 1 - eps, inside the range and above 1 + eps, with advantages of both signs; the last token is
+    # padding, with a ratio and an advantage that must not count.
+    ratios = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1, 0.9], [3.0, 0.7, 1.25, 1.0, 2.0, 5.0]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0, 2.0, -0.5], [0.3, 1.5, -2.0, 0.7, 1.0, 9.0]])
+    mask = torch.tensor([[1.0] * 6, [1.0] * 5 + [0.0]])
+    old = -torch.linspace(1.0, 3.0, 12).view(2, 6)
+    new = (old + ratios.log()).requires_grad_()
+    loss, stats = ppo.ppo_policy_loss(new, old, advantages, mask, 0.2, "one-sided")
+    want_loss, want_grad = one_sided_loop(new.detach(), old, advantages, mask, 0.2)
+    assert loss.item() == pytest.approx(want_loss)
+    torch.testing.assert_close(torch.autograd.grad(loss, new)[0], want_grad)
+    # The clip fraction counts the real tokens whose weight was truncated: ratios 1.5, 1.5, 3.0, 1.25, 2.0 of 11.
+    assert stats["ppo/clipfrac"] == pytest.approx(5 / 11)
+    assert stats["ppo/ratio_mean"] == pytest.approx((6.0 + 7.95) / 11)
+    assert stats["ppo/approxkl"] == pytest.approx(0.5 * (ratios.log() ** 2 * mask).sum().item() / 11)
+
+
+def test_at_ratio_one_both_clip_modes_give_the_plain_policy_gradient():
+    old = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+    advantages, mask = torch.tensor([[1.0, -2.0, 0.5, 3.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    for clip_mode in ["two-sided", "one-sided"]:
+        new = old.clone().requires_grad_()
+        loss, stats = ppo.ppo_policy_loss(new, old, advantages, mask, 0.2, clip_mode)
+        # -mean_t A_t grad log pi over the 3 real tokens
+        torch.testing.assert_close(torch.autograd.grad(loss, new)[0], torch.tensor([[-1.0, 2.0, -0.5, 0.0]]) / 3)
+        assert stats["ppo/clipfrac"] == 0 and stats["ppo/ratio_mean"] == 1
+
+
+def test_one_sided_clip_keeps_the_gradient_where_the_two_sided_clip_stops_it():
+    """The inputs of the two-sided test above: ratios 1.5, 1.5, 0.5, 0.5 with advantages 1, -1, 1, -1."""
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]])).requires_grad_()
+    advantages, mask = torch.tensor([[1.0, -1.0, 1.0, -1.0]]), torch.ones(1, 4)
+    grads, clipfracs = {}, {}
+    for clip_mode in ["two-sided", "one-sided"]:
+        loss, stats = ppo.ppo_policy_loss(new, old, advantages, mask, 0.2, clip_mode)
+        grads[clip_mode], clipfracs[clip_mode] = torch.autograd.grad(loss, new)[0], stats["ppo/clipfrac"]
+    # Two-sided: A > 0 above 1 + eps and A < 0 below 1 - eps get no gradient; the others -A r / 4.
+    torch.testing.assert_close(grads["two-sided"], torch.tensor([[0.0, 1.5 / 4, -0.5 / 4, 0.0]]))
+    # One-sided: every token keeps -min(r, 1.2) A / 4: A > 0 at 1.5 is still pushed up (weight 1.2, not 0), A < 0 at
+    # 1.5 is pushed down with weight 1.2 (not 1.5), and A < 0 at 0.5 is still pushed down (weight 0.5, not 0).
+    torch.testing.assert_close(grads["one-sided"], torch.tensor([[-1.2 / 4, 1.2 / 4, -0.5 / 4, 0.5 / 4]]))
+    assert clipfracs == {"two-sided": 1.0, "one-sided": 0.5}  # outside [0.8, 1.2], against above 1.2
+
+
+def test_clip_mode_reaches_the_loss_the_first_step_agrees_and_later_ones_do_not(llama_world, tmp_path, monkeypatch):
+    """--clip-mode one-sided runs end to end; the first minibatch is on policy (ratio 1: the same gradient in both
+    modes), and once the policy has moved (a large learning rate) the clips act differently."""
+    grads, records = {}, {}
+    for clip_mode in ["two-sided", "one-sided"]:
+        steps = record_optimizer_steps(monkeypatch)
+        out = tmp_path / clip_mode
+        code, _, stderr = run_main(
+            "ppo_rlhf.py",
+            *llama_world.args(),
+            *TINY,
+            "--total-episodes",
+            "16",
+            "--learning-rate",
+            "0.05",
+            "--clip-mode",
+            clip_mode,
+            "--output-dir",
+            str(out),
+            cwd=tmp_path,
+        )
+        assert code == 0, stderr[-3000:]
+        grads[clip_mode], records[clip_mode] = [s["grads"] for s in steps], read_jsonl(out / "metrics.jsonl")
+    assert len(grads["one-sided"]) == 16  # 4 epochs x 4 minibatches
+    for a, b in zip(grads["two-sided"][0], grads["one-sided"][0]):
+        torch.testing.assert_close(a, b)
+    later = [max((a - b).abs().max().item() for a, b in zip(*step)) for step in zip(*grads.values())][1:]
+    assert max(later) > 1e-3, later
+    train = [r for r in records["one-sided"] if "ppo/clipfrac" in r]
+    assert train and train[0]["ppo/clipfrac"] > 0  # some weights were truncated
 
 
 def test_value_clip_takes_the_worse_of_the_plain_and_the_clipped_error():

@@ -8,7 +8,7 @@ import torch
 
 import rloo_rlhf as rloo
 from tests import enumeration as en
-from tests.helpers import TINY, read_jsonl, run_main, run_script
+from tests.helpers import TINY, read_jsonl, record_optimizer_steps, run_main, run_script
 
 BETA = 0.7
 
@@ -47,7 +47,7 @@ def expected_rloo_gradient(k, estimator, kl_in, scores):
     advantages, _ = rloo.rloo_advantages(rewards, k)
     draw_weight = probs[draws].view(-1, k).prod(1).repeat_interleave(k) * (len(draws) // k)
     seq_logp = lp.sum(1)
-    loss, *_ = rloo.rloo_policy_loss(seq_logp, seq_logp.detach(), advantages * draw_weight, 0.2)
+    loss, *_ = rloo.rloo_policy_loss(seq_logp, seq_logp.detach(), advantages * draw_weight, 0.2, "two-sided")
     # The loop adds sequence_kl_loss; each draw's term is weighted by its probability like the advantages.
     loss = loss + rloo.sequence_kl_loss(
         lp, rlp, draw_weight[:, None].expand_as(lp), BETA if kl_in == "loss" else 0.0, estimator
@@ -84,13 +84,13 @@ def test_clipping_acts_only_from_the_second_epoch():
     seq_old = torch.tensor([-3.0, -2.0, -1.0])
     advantages = torch.tensor([1.0, -1.0, 2.0])
     seq_new = seq_old.clone().requires_grad_()
-    loss, stats = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
+    loss, stats = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2, "two-sided")
     assert stats["rloo/clipfrac"] == 0 and stats["rloo/ratio_mean"] == 1 and stats["rloo/approxkl"] == 0
     assert loss.item() == pytest.approx(-advantages.mean().item())  # the ratio loss's value: not what is reported
     assert stats["loss/policy"] == pytest.approx(-(advantages * seq_old).mean().item())  # the REINFORCE loss
     torch.testing.assert_close(torch.autograd.grad(loss, seq_new)[0], -advantages / 3)  # plain REINFORCE
     seq_new = (seq_old + torch.tensor([0.5, -0.5, 0.0])).requires_grad_()  # ratios e^0.5, e^-0.5, 1
-    loss, stats = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2)
+    loss, stats = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2, "two-sided")
     approxkl, clipfrac, ratio_mean = stats["rloo/approxkl"], stats["rloo/clipfrac"], stats["rloo/ratio_mean"]
     grad = torch.autograd.grad(loss, seq_new)[0]
     # Both moved responses left the range in their advantage's direction: clipped, no gradient; the third is not.
@@ -98,6 +98,93 @@ def test_clipping_acts_only_from_the_second_epoch():
     assert approxkl == pytest.approx(0.5 * (0.25 + 0.25) / 3) and ratio_mean == pytest.approx(
         (math.exp(0.5) + math.exp(-0.5) + 1) / 3
     )
+
+
+def one_sided_loop(seq_new, seq_old, advantages, eps):
+    """The one-sided loss and its gradient with respect to log pi(y_i | x_i), by a plain loop over the responses:
+    loss = -sum_i w_i A_i log pi_i / n and gradient -w_i A_i / n, where w_i = min(r_i, 1 + eps) is a constant."""
+    n = len(seq_new)
+    loss, grad = 0.0, torch.zeros_like(seq_new)
+    for i in range(n):
+        weight = min(math.exp(seq_new[i].item() - seq_old[i].item()), 1 + eps)
+        loss -= weight * advantages[i].item() * seq_new[i].item() / n
+        grad[i] = -weight * advantages[i].item() / n
+    return loss, grad
+
+
+def test_one_sided_clip_matches_a_plain_loop_over_sequences():
+    # Sequence ratios below 1 - eps, inside the range and above 1 + eps, with advantages of both signs.
+    ratios = torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1, 0.9, 3.0, 1.25])
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0, -0.5, 0.3, -2.0])
+    seq_old = -torch.linspace(2.0, 9.0, 8)
+    seq_new = (seq_old + ratios.log()).requires_grad_()
+    loss, stats = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2, "one-sided")
+    want_loss, want_grad = one_sided_loop(seq_new.detach(), seq_old, advantages, 0.2)
+    assert loss.item() == pytest.approx(want_loss)
+    torch.testing.assert_close(torch.autograd.grad(loss, seq_new)[0], want_grad)
+    assert stats["rloo/clipfrac"] == 0.5  # truncated weights: ratios 1.5, 1.5, 3.0, 1.25 of 8
+    assert stats["rloo/ratio_mean"] == pytest.approx(10.25 / 8)
+    assert stats["rloo/approxkl"] == pytest.approx(0.5 * (ratios.log() ** 2).mean().item())
+    assert stats["loss/policy"] == pytest.approx(-(advantages * seq_new).mean().item())  # the REINFORCE loss, as ever
+
+
+def test_at_ratio_one_both_clip_modes_give_plain_reinforce():
+    seq_old, advantages = torch.tensor([-3.0, -2.0, -1.0]), torch.tensor([1.0, -1.0, 2.0])
+    for clip_mode in ["two-sided", "one-sided"]:
+        seq_new = seq_old.clone().requires_grad_()
+        loss, stats = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2, clip_mode)
+        torch.testing.assert_close(torch.autograd.grad(loss, seq_new)[0], -advantages / 3)
+        assert stats["rloo/clipfrac"] == 0 and stats["rloo/ratio_mean"] == 1
+        if clip_mode == "one-sided":  # weight 1: the loss is the REINFORCE loss that "loss/policy" reports
+            assert loss.item() == pytest.approx(stats["loss/policy"])
+
+
+def test_one_sided_clip_keeps_the_gradient_where_the_two_sided_clip_stops_it():
+    """The inputs of the second half of test_clipping_acts_only_from_the_second_epoch: ratios e^0.5, e^-0.5, 1."""
+    seq_old, advantages = torch.tensor([-3.0, -2.0, -1.0]), torch.tensor([1.0, -1.0, 2.0])
+    grads, clipfracs = {}, {}
+    for clip_mode in ["two-sided", "one-sided"]:
+        seq_new = (seq_old + torch.tensor([0.5, -0.5, 0.0])).requires_grad_()
+        loss, stats = rloo.rloo_policy_loss(seq_new, seq_old, advantages, 0.2, clip_mode)
+        grads[clip_mode], clipfracs[clip_mode] = torch.autograd.grad(loss, seq_new)[0], stats["rloo/clipfrac"]
+    # Two-sided: A > 0 above 1 + eps and A < 0 below 1 - eps get no gradient. One-sided: -min(r, 1.2) A / 3 for
+    # every response, so the first is still pushed up (weight 1.2) and the second still down (weight e^-0.5).
+    torch.testing.assert_close(grads["two-sided"], torch.tensor([0.0, 0.0, -2 / 3]))
+    torch.testing.assert_close(grads["one-sided"], torch.tensor([-1.2 / 3, math.exp(-0.5) / 3, -2 / 3]))
+    assert clipfracs == {"two-sided": pytest.approx(2 / 3), "one-sided": pytest.approx(1 / 3)}
+
+
+def test_clip_mode_reaches_the_loss_the_first_epoch_agrees_and_the_second_does_not(worlds, tmp_path, monkeypatch):
+    """--clip-mode one-sided runs end to end; the first epoch is on policy (ratio 1: the same REINFORCE gradient in both
+    modes), and once the policy has moved (a large learning rate) the second epoch's clips act differently."""
+    grads, records = {}, {}
+    for clip_mode in ["two-sided", "one-sided"]:
+        steps = record_optimizer_steps(monkeypatch)
+        out = tmp_path / clip_mode
+        code, _, stderr = run_main(
+            "rloo_rlhf.py",
+            *worlds["llama"].args(),
+            *TINY,
+            "--total-episodes",
+            "16",
+            "--num-ppo-epochs",
+            "2",
+            "--learning-rate",
+            "0.05",
+            "--clip-mode",
+            clip_mode,
+            "--output-dir",
+            str(out),
+            cwd=tmp_path,
+        )
+        assert code == 0, stderr[-3000:]
+        grads[clip_mode], records[clip_mode] = [s["grads"] for s in steps], read_jsonl(out / "metrics.jsonl")
+    assert len(grads["one-sided"]) == 2  # one optimizer step per epoch
+    for a, b in zip(grads["two-sided"][0], grads["one-sided"][0]):
+        torch.testing.assert_close(a, b)
+    assert max((a - b).abs().max().item() for a, b in zip(grads["two-sided"][1], grads["one-sided"][1])) > 1e-3
+    train = [r for r in records["one-sided"] if "rloo/clipfrac" in r]
+    assert train and train[0]["rloo/clipfrac"] > 0  # some weights were truncated in the second epoch
 
 
 def test_tinyworld_run_with_clipping_and_options(tinyworld, tmp_path):
