@@ -560,13 +560,25 @@ def enable_gradient_checkpointing(model):
         layer.forward = forward
 
 
-def average_gradients(params):
+def average_gradients(params, bucket_numel=2**25):
     """Data parallel: every rank replaces its gradients by their mean over the ranks, so all take the same step (what
-    DDP does, written out: the scripts call parts of models, e.g. an RM's backbone, that a DDP wrapper would hide)."""
-    if torch.distributed.is_initialized():
-        for param in [p for p in params if p.grad is not None]:
-            torch.distributed.all_reduce(param.grad)
-            param.grad /= torch.distributed.get_world_size()
+    DDP does, written out: the scripts call parts of models, e.g. an RM's backbone, that a DDP wrapper would hide).
+    The gradients travel in flat buckets of up to 32M numbers, one all-reduce each: one per tensor costs a round trip
+    per tensor, which dominates on small models."""
+    if not torch.distributed.is_initialized():
+        return
+    buckets, numel = [], bucket_numel  # the first gradient opens the first bucket
+    for grad in [p.grad for p in params if p.grad is not None]:
+        if numel + grad.numel() > bucket_numel:
+            buckets, numel = [*buckets, []], 0
+        buckets[-1].append(grad)
+        numel += grad.numel()
+    for bucket in buckets:
+        flat = torch.cat([grad.flatten() for grad in bucket])
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        for grad, part in zip(bucket, flat.split([grad.numel() for grad in bucket]), strict=True):
+            grad.copy_(part.view_as(grad))
 
 
 @torch.no_grad()
@@ -590,7 +602,7 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
         return {}, []
     generator = torch.Generator(device=device).manual_seed(args.seed + 12345)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    batches, samples = [], []
+    batches, samples, response_ids = [], [], []
     for i in range(0, len(eval_ids), args.batch_size):
         query, query_mask = left_pad(eval_ids[i : i + args.batch_size], pad_id, device)
         responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
@@ -605,11 +617,36 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
         batches.append((len(query), stats))
         for j in range(len(query)):
             prompt = tokenizer.decode(query[j][query_mask[j].bool()], skip_special_tokens=True)
-            response = tokenizer.decode(responses[j][mask[j].bool()], skip_special_tokens=True)
+            response_ids.append(responses[j][mask[j].bool()].tolist())
+            response = tokenizer.decode(response_ids[-1], skip_special_tokens=True)
             sample = {"prompt": prompt, "response": response, "score": scores[j].item()}
             samples.append(sample | {"gold_score": None if gold is None else gold[j].item()})
     # Means over all prompts: each batch's mean weighted by its size.
-    return {f"eval/{k}": sum(n * stats[k] for n, stats in batches) / len(eval_ids) for k in batches[0][1]}, samples
+    record = {f"eval/{k}": sum(n * stats[k] for n, stats in batches) / len(eval_ids) for k in batches[0][1]}
+    record |= {"eval/distinct_1": distinct_n(response_ids, 1), "eval/distinct_2": distinct_n(response_ids, 2)}
+    # Variety for one prompt: 4 responses to each of the first 16 prompts (their own seed: the rest is unchanged).
+    query, query_mask = left_pad([ids for ids in eval_ids[:16] for _ in range(4)], pad_id, device)
+    group_generator = torch.Generator(device=device).manual_seed(args.seed + 54321)
+    raw = generate(policy, query, query_mask, args, eos_id, group_generator, autocast)
+    mask, responses, _ = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
+    groups = [[responses[j][mask[j].bool()].tolist() for j in range(i, i + 4)] for i in range(0, len(query), 4)]
+    record["eval/self_similarity"] = sum(map(pairwise_similarity, groups)) / len(groups)
+    return record, samples
+
+
+def distinct_n(responses, n):
+    """Distinct-n (Li et al. 2016, https://arxiv.org/abs/1510.03055): the share of distinct n-grams among all the
+    n-grams of a set of responses (token-id lists); 1 = no n-gram repeats, near 0 = the responses repeat each other."""
+    grams = [tuple(r[i : i + n]) for r in responses for i in range(len(r) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def pairwise_similarity(responses, n=2):
+    """The mean Jaccard overlap of the n-gram sets of every pair of responses (a response shorter than n counts as one
+    n-gram, itself): 1 = all the same, 0 = no n-gram shared (a self-BLEU-like measure of mode collapse)."""
+    sets = [{tuple(r[i : i + n]) for i in range(len(r) - n + 1)} or {tuple(r)} for r in responses]
+    pairs = list(itertools.combinations(sets, 2))
+    return sum(len(a & b) / len(a | b) for a, b in pairs) / len(pairs)
 
 
 def new_folder(base):

@@ -507,6 +507,7 @@ def write_table(summary, path):
             "",
         ]
     lines += sqrt_kl_law_table(summary)
+    lines += variety_table(summary)
     if summary.get("best_of_n"):
         lines += [
             f"Best-of-n from the SFT policy (proxy RM picks, gold RM judges; seed {summary['seeds'][0]}, "
@@ -522,6 +523,35 @@ def write_table(summary, path):
         ]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+VARIETY_KEYS = ["eval/distinct_1", "eval/distinct_2", "eval/self_similarity", "eval/entropy"]
+
+
+def variety_table(summary):
+    """Variety (distinct-n over the evaluation responses, the mean pairwise similarity of 4 responses to one prompt,
+    the per-token entropy) per run at matched KL: for each seed its evaluation whose KL is nearest the lowest of the
+    runs' mean final KLs (a run that ends far from it says so in the KL column), then at the final evaluation."""
+    runs = summary["runs"]
+    if not all(k in e for run in runs.values() for s in run["seeds"] for e in s["evals"] for k in VARIETY_KEYS):
+        return []
+    matched = min(sum(s["evals"][-1]["eval/kl"] for s in run["seeds"]) / len(run["seeds"]) for run in runs.values())
+    lines = [
+        f"Variety at matched KL (each seed's evaluation with KL nearest {matched:.2f}, the lowest mean final KL) and "
+        "at the end (distinct-n over all evaluation responses; self-similarity: mean bigram Jaccard overlap of 4 "
+        "responses to each of 16 prompts, 1 = identical):",
+        "",
+        "| run | KL | distinct-1 | distinct-2 | self-similarity | entropy | final KL | final distinct-2 "
+        "| final self-similarity |",
+        "|" + " --- |" * 9,
+    ]
+    for label, run in runs.items():
+        near = [min(s["evals"][1:], key=lambda e: abs(e["eval/kl"] - matched)) for s in run["seeds"]]
+        finals = [s["evals"][-1] for s in run["seeds"]]
+        cols = [mean_spread([e[k] for e in near]) for k in ["eval/kl", *VARIETY_KEYS]]
+        cols += [mean_spread([e[k] for e in finals]) for k in ["eval/kl", "eval/distinct_2", "eval/self_similarity"]]
+        lines.append(f"| {label} | " + " | ".join(cols) + " |")
+    return [*lines, ""]
 
 
 def sqrt_kl_law_table(summary):

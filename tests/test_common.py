@@ -42,6 +42,7 @@ ALGO_KEYS = {
     "sac_rlhf.py": ["loss/q", "sac/q_mean", "sac/alpha", "loss/alpha", "sac/entropy_target", "sac/buffer_size"],
 }
 EVAL_KEYS = ["episode", "eval/scores", "eval/kl", "eval/entropy", "eval/response_length", "eval/eos_rate"]
+EVAL_KEYS += ["eval/distinct_1", "eval/distinct_2", "eval/self_similarity"]
 
 
 def top_level_definitions(script):
@@ -842,3 +843,41 @@ def test_k3_in_the_loss_stays_finite_at_a_low_temperature(script, tinyworld, tmp
         cwd=tmp_path,
     )
     assert code == 0, stderr[-3000:]
+
+
+def test_distinct_n_counts_distinct_ngrams_over_all_responses():
+    import ppo_rlhf as ppo
+
+    responses = [[1, 2, 3], [1, 2, 4], [5]]  # unigrams 1 2 3 1 2 4 5: 5 distinct of 7; bigrams 12 23 12 24: 3 of 4
+    assert ppo.distinct_n(responses, 1) == 5 / 7
+    assert ppo.distinct_n(responses, 2) == 3 / 4
+    assert ppo.distinct_n([[7], []], 2) == 0.0  # no bigram at all: 0, not a division by zero
+    assert ppo.distinct_n([[1, 1, 1, 1]], 1) == 1 / 4
+
+
+def test_pairwise_similarity_is_the_mean_jaccard_overlap_of_bigram_sets():
+    import ppo_rlhf as ppo
+
+    a, b, c = [1, 2, 3], [1, 2, 4], [9]  # bigram sets {12, 23}, {12, 24}, and c's own {(9,)}
+    assert ppo.pairwise_similarity([a, a, a]) == 1.0
+    assert ppo.pairwise_similarity([a, b]) == 1 / 3  # {12} shared of {12, 23, 24}
+    assert ppo.pairwise_similarity([a, b, c]) == (1 / 3 + 0 + 0) / 3
+    assert ppo.pairwise_similarity([[], []]) == 1.0  # two empty responses are the same response
+    assert ppo.pairwise_similarity([a, b], n=1) == 2 / 4  # unigrams {1, 2, 3} and {1, 2, 4}
+
+
+def test_evaluation_logs_variety_and_a_collapsed_policy_scores_as_one(tinyworld, tmp_path, monkeypatch):
+    """The variety metrics of the tinyworld's SFT policy lie inside their ranges; a policy that gives one response to
+    every prompt has self-similarity 1 and distinct-1 of one token over all the tokens."""
+    import ppo_rlhf as ppo
+
+    args = ppo.Args(eval_size=8, batch_size=8, output_dir=str(tmp_path))
+    device, autocast, tokenizer, policy, ref_policy, reward_model, gold_model = ppo.load_models(args)
+    eval_ids = ppo.tokenize_prompts(tokenizer, ppo.load_prompts(args.eval_dataset, "--eval-dataset", 8), 16, "x")
+    models = (policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast)
+    record, samples = ppo.evaluate(*models)
+    assert 0 < record["eval/distinct_1"] <= 1 and 0 < record["eval/distinct_2"] <= 1
+    assert 0 <= record["eval/self_similarity"] < 1
+    monkeypatch.setattr(ppo, "generate", lambda *a: a[1][:, :1] * 0 + 5)  # every response: the one token 5
+    record_one, _ = ppo.evaluate(*models)
+    assert record_one["eval/self_similarity"] == 1.0 and record_one["eval/distinct_1"] == 1 / 8
