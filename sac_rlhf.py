@@ -97,6 +97,7 @@ class Args:
     n_step: int = 8  # n of the n-step critic targets (1 = one-step TD)
     buffer_size: int = 1024  # replay buffer capacity, in responses (first in, first out)
     learning_starts: int = 0  # responses in the buffer before gradient steps begin
+    offline: bool = False  # learn only from the first --buffer-size responses (later rollouts are only logged)
     updates_per_rollout: int = 4  # gradient steps (critic, actor and alpha) after each rollout
     minibatch_size: int | None = None  # responses sampled from the buffer per gradient step (None = --batch-size)
     max_grad_norm: float | None = 1.0  # global gradient-norm clip of the actor and of the critic (None disables)
@@ -894,7 +895,8 @@ if __name__ == "__main__":
         responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
             policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
         )
-        buffer.add(query, query_mask, responses, mask, scores)
+        if not args.offline or len(buffer) < buffer.capacity:  # --offline: the buffer is filled once, then frozen
+            buffer.add(query, query_mask, responses, mask, scores)
         episode += args.batch_size
         time_rollout += time.time() - t0
 

@@ -352,3 +352,21 @@ def test_critic_loss_sums_both_heads_squared_errors_on_the_taken_tokens():
     assert stats["loss/q"] == loss.item() and stats["sac/q_mean"] == pytest.approx((1.0 - 1.0) / 2)  # min over heads
     assert loss.item() == pytest.approx(((0.25 + 0.25) + (0.25 + 1.0)) / 2)
     assert sac.critic_loss(q_all, responses, targets, torch.tensor([[1.0, 0.0]]))[0].item() == pytest.approx(0.5)
+
+
+def test_offline_sac_learns_only_from_the_first_buffer_of_responses(tmp_path):
+    """--offline: the buffer holds the first --buffer-size responses (of the SFT policy, with --learning-starts
+    equal to it) and never changes after; the same run online keeps replacing them. Read from the checkpoints."""
+
+    def buffer_after(episodes, *flags):
+        out = tmp_path / f"run{episodes}{''.join(flags)}"
+        base = ["--batch-size", "16", "--eval-size", "8", "--response-length", "6", "--total-episodes", episodes]
+        base += ["--eval-every", episodes, "--save-every", "16"]
+        base += ["--buffer-size", "32", "--learning-starts", "32", "--no-save-model", "--output-dir", out]
+        assert run_main("sac_rlhf.py", *base, *flags, cwd=tmp_path)[0] == 0
+        return torch.load(out / "checkpoint.pt", weights_only=True)["ranks"][0]["buffer"]
+
+    filled = buffer_after(48)  # last checkpoint after update 2: the two SFT rollouts, gradient steps began
+    assert len(filled["items"]) == 32
+    assert buffer_after(96, "--offline") == filled  # after update 5: untouched
+    assert buffer_after(96)["items"] != filled["items"]  # online: newer responses replaced the oldest
