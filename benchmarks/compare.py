@@ -528,27 +528,36 @@ def write_table(summary, path):
 VARIETY_KEYS = ["eval/distinct_1", "eval/distinct_2", "eval/self_similarity", "eval/entropy"]
 
 
+def at_kl(evals, kl, key):
+    """A seed's `key` where its KL first reaches `kl`, interpolated linearly in KL between the two evaluations around
+    that point (the start, KL 0, included); its last evaluation's if it never gets there."""
+    for a, b in zip(evals, evals[1:]):
+        if a["eval/kl"] <= kl <= b["eval/kl"]:
+            weight = (kl - a["eval/kl"]) / (b["eval/kl"] - a["eval/kl"]) if b["eval/kl"] > a["eval/kl"] else 0.0
+            return a[key] + weight * (b[key] - a[key])
+    return evals[-1][key]
+
+
 def variety_table(summary):
     """Variety (distinct-n over the evaluation responses, the mean pairwise similarity of 4 responses to one prompt,
-    the per-token entropy) per run at matched KL: for each seed its evaluation whose KL is nearest the lowest of the
-    runs' mean final KLs (a run that ends far from it says so in the KL column), then at the final evaluation."""
+    the per-token entropy) per run at matched KL, the lowest of the runs' mean final KLs (at_kl), then at the end."""
     runs = summary["runs"]
     if not all(k in e for run in runs.values() for s in run["seeds"] for e in s["evals"] for k in VARIETY_KEYS):
         return []
     matched = min(sum(s["evals"][-1]["eval/kl"] for s in run["seeds"]) / len(run["seeds"]) for run in runs.values())
     lines = [
-        f"Variety at matched KL (each seed's evaluation with KL nearest {matched:.2f}, the lowest mean final KL) and "
-        "at the end (distinct-n over all evaluation responses; self-similarity: mean bigram Jaccard overlap of 4 "
-        "responses to each of 16 prompts, 1 = identical):",
+        f"Variety at matched KL {matched:.2f} (the lowest mean final KL; each seed interpolated linearly in KL between "
+        "the evaluations around the first point it reaches it, or its last evaluation if it never does) and at the "
+        "end. distinct-n: over all evaluation responses; self-similarity: mean bigram Jaccard overlap of 4 responses "
+        "to each of 16 prompts, 1 = identical:",
         "",
-        "| run | KL | distinct-1 | distinct-2 | self-similarity | entropy | final KL | final distinct-2 "
+        "| run | distinct-1 | distinct-2 | self-similarity | entropy | final KL | final distinct-2 "
         "| final self-similarity |",
-        "|" + " --- |" * 9,
+        "|" + " --- |" * 8,
     ]
     for label, run in runs.items():
-        near = [min(s["evals"][1:], key=lambda e: abs(e["eval/kl"] - matched)) for s in run["seeds"]]
+        cols = [mean_spread([at_kl(s["evals"], matched, k) for s in run["seeds"]]) for k in VARIETY_KEYS]
         finals = [s["evals"][-1] for s in run["seeds"]]
-        cols = [mean_spread([e[k] for e in near]) for k in ["eval/kl", *VARIETY_KEYS]]
         cols += [mean_spread([e[k] for e in finals]) for k in ["eval/kl", "eval/distinct_2", "eval/self_similarity"]]
         lines.append(f"| {label} | " + " | ".join(cols) + " |")
     return [*lines, ""]

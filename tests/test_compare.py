@@ -70,24 +70,23 @@ def test_thresholds_table_gives_each_seeds_first_crossing_and_the_kl_there():
     assert "| x | 16, 0 (mean 8 ± 8) | 0.3, 0.0 | 32, never (mean 32) | 0.8, - |" in rows
 
 
-def test_variety_table_reads_each_seed_at_the_evaluation_nearest_the_matched_kl():
+def test_variety_table_interpolates_each_seed_at_the_matched_kl():
     def ev(kl, d2, sim):
         return {"eval/kl": kl, "eval/distinct_1": 0.5, "eval/distinct_2": d2, "eval/self_similarity": sim,
                 "eval/entropy": 1.0}  # fmt: skip
 
-    runs = {  # final mean KLs: a 3.0, b 1.5 (the matched KL); a's evaluations nearest 1.5 are at KL 1.4 and 1.7
-        "a": {"seeds": [{"evals": [ev(0, 0.9, 0.1), ev(1.4, 0.8, 0.2), ev(3.0, 0.5, 0.6)]},
-                        {"evals": [ev(0, 0.9, 0.1), ev(1.7, 0.6, 0.4), ev(3.0, 0.5, 0.6)]}]},
+    runs = {  # final mean KLs: a 3.0, b 1.5, the matched KL; a's seeds cross 1.5 between KL 1 and 2, and 0 and 3
+        "a": {"seeds": [{"evals": [ev(0, 0.9, 0.1), ev(1.0, 0.8, 0.2), ev(2.0, 0.6, 0.4), ev(3.0, 0.5, 0.6)]},
+                        {"evals": [ev(0, 0.9, 0.1), ev(3.0, 0.6, 0.4), ev(1.0, 0.0, 0.0), ev(3.0, 0.5, 0.6)]}]},
         "b": {"seeds": [{"evals": [ev(0, 0.9, 0.1), ev(1.5, 0.7, 0.3)]},
-                        {"evals": [ev(0, 0.9, 0.1), ev(1.5, 0.7, 0.3)]}]},
+                        {"evals": [ev(0, 0.9, 0.1), ev(1.0, 0.7, 0.3)]}]},  # never reaches 1.5: its last
     }  # fmt: skip
+    assert compare.at_kl(runs["a"]["seeds"][0]["evals"], 1.5, "eval/distinct_2") == pytest.approx(0.7)
+    assert compare.at_kl(runs["a"]["seeds"][1]["evals"], 1.5, "eval/distinct_2") == pytest.approx(0.75)  # first
     rows = compare.variety_table({"runs": runs})
-    assert "nearest 1.50" in rows[0]
-    assert (
-        "| a | 1.55 ± 0.15 | 0.50 ± 0.00 | 0.70 ± 0.10 | 0.30 ± 0.10 | 1.00 ± 0.00 | 3.00 ± 0.00 | 0.50 ± 0.00 "
-        in (rows[4])
-    )
-    assert rows[5].startswith("| b | 1.50 ± 0.00 | 0.50 ± 0.00 | 0.70 ± 0.00 | 0.30 ± 0.00 |")
+    assert "matched KL 1.25" in rows[0]  # b's final mean: (1.5 + 1.0) / 2
+    assert rows[4].startswith("| a | 0.50 ± 0.00 | 0.76 ± 0.01 |")  # at 1.25: 0.75 and 0.775
+    assert rows[5].startswith("| b | 0.50 ± 0.00 | 0.72 ± 0.02 | 0.28 ± 0.02 | 1.00 ± 0.00 | 1.25 ± 0.25 |")
     assert compare.variety_table({"runs": {"c": {"seeds": [{"evals": [{"eval/kl": 0.0}]}]}}}) == []  # older runs
 
 
