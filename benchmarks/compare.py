@@ -350,11 +350,12 @@ def best_of_n(args, sizes, seed):
             query, query_mask = common.left_pad([prompt] * min(256, pool - start), pad_id, device)
             raw = common.generate(policy, query, query_mask, script_args, eos_id, generator, autocast)
             mask, responses, has_eos = common.response_mask(raw, eos_id, pad_id, script_args.stop_at_eos)
-            score = common.get_scores(reward_model, query, query_mask, responses, mask, autocast)
+            rows, size = (query, query_mask, responses, mask), script_args.rollout_micro_batch_size  # --extra's
+            score = common.chunked(size, common.get_scores, reward_model, *rows, autocast)
             if script_args.missing_eos_penalty is not None and script_args.stop_at_eos:  # as the scripts score
                 score = score - script_args.missing_eos_penalty * (~has_eos).float()
             p.append(score)
-            g.append(common.get_scores(gold_model, query, query_mask, responses, mask, autocast))
+            g.append(common.chunked(size, common.get_scores, gold_model, *rows, autocast))
         proxy.append(torch.cat(p))
         gold.append(torch.cat(g))
     proxy, gold = torch.stack(proxy), torch.stack(gold)
