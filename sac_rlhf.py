@@ -828,6 +828,7 @@ if __name__ == "__main__":
         fail(f"--buffer-size {args.buffer_size} must hold a rollout (--batch-size) and a minibatch (--minibatch-size)")
     if args.buffer_size % world_size or minibatch_size % world_size:  # each rank holds and samples its share
         fail(f"--buffer-size and --minibatch-size must be multiples of the number of processes ({world_size})")
+    local_minibatch_size = minibatch_size // world_size  # each rank samples its share of every minibatch
     if args.autotune and args.alpha == 0:
         fail("--alpha must be > 0 with --autotune, where it is the initial value (--alpha 0 --no-autotune: no entropy)")
     if args.learning_starts > args.total_episodes:
@@ -908,7 +909,7 @@ if __name__ == "__main__":
         )
         for _ in range(num_steps):
             mb_query, mb_query_mask, mb_responses, mb_mask, mb_scores = buffer.sample(
-                minibatch_size // world_size, pad_id, device
+                local_minibatch_size, pad_id, device
             )
             states = (mb_query, mb_query_mask, mb_responses, mb_mask.long())  # every prefix of the responses
             alpha = log_alpha.exp().item() if args.autotune else args.alpha

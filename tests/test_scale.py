@@ -23,18 +23,19 @@ SMALL = ["--batch-size", "32", "--eval-size", "16", "--response-length", "8"]
 SAME_STEPS = {"ppo_rlhf.py": ["--num-minibatches", "1"], "rloo_rlhf.py": [], "sac_rlhf.py": ["--buffer-size", "32"]}
 
 
+ENV = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}  # every child's: offline, CPU, one thread each
+
+
+def torchrun_command(nproc, *args):
+    """`torchrun --standalone --nproc-per-node nproc *args` (gloo on the CPU), as a command list."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *map(str, args)]
+
+
 def torchrun(nproc, *args, cwd, timeout=600):
-    """`torchrun --standalone --nproc-per-node nproc *args` on the CPU (gloo), offline, one thread per process."""
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *map(str, args),
-    ]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    """Run torchrun_command to the end, with ENV; return the CompletedProcess (no assert)."""
+    return subprocess.run(
+        torchrun_command(nproc, *args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def records(run, prefixes=("episode", "objective/", "eval/")):
@@ -104,10 +105,10 @@ def test_a_two_process_run_learns_and_writes_one_run_folder(script, episodes, tm
     assert len(read_jsonl(out / "samples.jsonl")) == 2 * 16  # one evaluation set each time, not one per rank
 
 
-def interrupt_after_first_checkpoint(command, out, env):
+def interrupt_after_first_checkpoint(command, out):
     """Start a run in out's parent folder, press Ctrl-C once its first checkpoint exists, and return what it printed."""
     pipe = subprocess.PIPE
-    proc = subprocess.Popen(command, cwd=out.parent, env=env, stdout=pipe, stderr=pipe, text=True)
+    proc = subprocess.Popen(command, cwd=out.parent, env=ENV, stdout=pipe, stderr=pipe, text=True)
     while not (out / "checkpoint.pt").exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.05)
@@ -129,9 +130,8 @@ def test_an_interrupted_run_resumed_writes_the_same_records_and_policy(script, t
         flags += ["--kl-target", "1.0"]  # kl_coef moves: it must come back too
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     assert run_main(script, *flags, "--output-dir", full, cwd=tmp_path)[0] == 0
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(REPO / script), *flags, "--output-dir", str(stopped)]
-    stderr = interrupt_after_first_checkpoint(command, stopped, env)
+    stderr = interrupt_after_first_checkpoint(command, stopped)
     assert "interrupted by Ctrl-C" in stderr and "--resume" in stderr and "Traceback" not in stderr
     assert len(read_jsonl(stopped / "metrics.jsonl")) < len(read_jsonl(full / "metrics.jsonl"))
     code, _, stderr = run_main(script, *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
@@ -152,10 +152,8 @@ def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
     assert torchrun(2, str(REPO / "sac_rlhf.py"), *flags, "--output-dir", full, cwd=tmp_path).returncode == 0
     evals = [r["eval/scores"] for r in read_jsonl(full / "metrics.jsonl") if "eval/scores" in r]
     assert evals[-1] > evals[0] + 0.2  # it learns
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     interrupt_after_first_checkpoint(
-        [*launcher, str(REPO / "sac_rlhf.py"), *flags, "--output-dir", str(stopped)], stopped, env
+        torchrun_command(2, REPO / "sac_rlhf.py", *flags, "--output-dir", stopped), stopped
     )
     alone = run_script("sac_rlhf.py", *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
     assert alone.returncode != 0 and "2 processes wrote the checkpoint" in alone.stderr
