@@ -20,6 +20,8 @@ Usage: python sac_rlhf.py --help   (defaults train on the built-in offline tinyw
 
 import contextlib
 import copy
+import dataclasses
+import importlib.util
 import itertools
 import json
 import math
@@ -76,15 +78,9 @@ class Args:
     overwrite_output_dir: bool = False  # replace the run in --output-dir (its records and model are deleted first)
     save_model: bool = True  # save the final policy and tokenizer to <output-dir>/model
     save_every: int = 0  # write a resumable checkpoint every N episodes (0 = never); see --resume
-    resume: bool = False  # continue the run in --output-dir from its last checkpoint (pass the run's own flags)
+    resume: bool = False  # continue the run in --output-dir from its last checkpoint, with the flags in its args.json
     gradient_checkpointing: bool = False  # recompute layer activations in the backward pass instead of keeping them
     rollout_micro_batch_size: int | None = None  # rows per no-grad forward pass (rollouts, evaluation); None = all
-
-    def __post_init__(self):  # a tinyworld/ path that is not in the working folder is the one beside this script
-        for name in ["model_name", "reward_model_name", "gold_reward_model_name", "dataset", "eval_dataset"]:
-            path = getattr(self, name)
-            if path is not None and path.startswith("tinyworld/") and not os.path.exists(path):
-                setattr(self, name, os.path.join(os.path.dirname(os.path.abspath(__file__)), path))
 
     # Algorithm specific arguments
     alpha: float = 0.0  # the entropy coefficient (the initial one with --autotune); 0 = no entropy term
@@ -101,6 +97,14 @@ class Args:
     updates_per_rollout: int = 4  # gradient steps (critic, actor and alpha) after each rollout
     minibatch_size: int | None = None  # responses sampled from the buffer per gradient step (None = --batch-size)
     max_grad_norm: float | None = 1.0  # global gradient-norm clip of the actor and of the critic (None disables)
+
+    def __post_init__(self):  # (after every field: a method between fields hides the next field's --help line)
+        if self.gold_reward_model_name is not None and self.gold_reward_model_name.strip().lower() in ("", "none"):
+            self.gold_reward_model_name = None  # --gold-reward-model-name none, "" or None: no gold model
+        for name in ["model_name", "reward_model_name", "gold_reward_model_name", "dataset", "eval_dataset"]:
+            path = getattr(self, name)  # a tinyworld/ path that is not in the working folder is the one beside this
+            if path is not None and path.startswith("tinyworld/") and not os.path.exists(path):
+                setattr(self, name, os.path.join(os.path.dirname(os.path.abspath(__file__)), path))
 
 
 # ======= ALGO LOGIC: this algorithm's losses and estimators (below them, the core and the plumbing are shared) ========
@@ -232,7 +236,7 @@ def generate(model, query, query_mask, args, eos_id, generator, autocast):
         cache = out.past_key_values
         probs = torch.softmax(out.logits[:, -1].float() / args.temperature, dim=-1)  # [batch, vocab]
         if not torch.isfinite(probs).all():  # say so rather than sample garbage
-            fail("the policy's next-token probabilities are not finite; nothing saved: try a lower --learning-rate")
+            fail("the policy's next-token probabilities are not finite; nothing saved: lower --learning-rate", True)
         next_token = torch.multinomial(probs, 1, generator=generator)  # [batch, 1]
         tokens.append(next_token)
         ended |= next_token[:, 0] == eos_id
@@ -369,9 +373,10 @@ def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=F
 
 
 # === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
-def fail(message):
-    """Stop with one line that names the flag and the fix (no traceback)."""
-    raise SystemExit(f"error: {message}")
+def fail(message, every_rank=False):
+    """Stop with one line that names the flag and the fix (no traceback). Under torchrun every rank finds a bad flag and
+    rank 0 alone says it; what one rank can meet alone (a NaN in its share) is said by every rank that meets it."""
+    raise SystemExit(f"error: {message}" if every_rank or os.environ.get("RANK", "0") == "0" else 1)
 
 
 COMMON_RANGES = {  # the allowed interval of each numeric flag; values must be finite, and a None flag may be None
@@ -381,10 +386,26 @@ COMMON_RANGES = {  # the allowed interval of each numeric flag; values must be f
     "(0, 1]": ["ref_sync_mix"],
 }
 COMMON_RANGES["[1, inf)"].append("rollout_micro_batch_size")
-RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "INCOMPLETE", "checkpoint.pt", "checkpoint.pt.tmp"}
+RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "model.tmp", "INCOMPLETE"}
+RUN_FILES |= {"checkpoint.pt", "checkpoint.pt.tmp"}
 # Flags a resumed run may change: where and how it runs and logs, not what it computes.
 RESUMABLE = {"resume", "save_every", "output_dir", "overwrite_output_dir", "exp_name", "cuda", "mixed_precision"}
 RESUMABLE |= {"track", "wandb_project_name", "wandb_entity"}
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model"}
+
+
+def parse_args():
+    """The flags. With --resume the run's own, from its args.json, are the defaults: `--output-dir <run> --resume` is
+    the whole command, and check_args refuses a flag given here that would change what the run computes. The device
+    and the precision are this machine's (args.json holds what they resolved to on the first machine)."""
+    args = tyro.cli(Args)
+    path = os.path.join(args.output_dir or "", "args.json")
+    if args.resume and args.output_dir is not None and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        fields = {field.name for field in dataclasses.fields(Args)} - {"resume", "cuda", "mixed_precision"}
+        args = tyro.cli(Args, default=Args(**{k: v for k, v in saved.items() if k in fields}))
+    return args
 
 
 def setup_distributed(args):
@@ -402,6 +423,8 @@ def setup_distributed(args):
 def check_args(args, algo_ranges, world_size):
     """Before anything loads, refuse bad flags (out of range, not finite, budgets that do not divide, a used folder)."""
     signal.signal(signal.SIGINT, lambda *_: fail("interrupted by Ctrl-C before training; nothing was written"))
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track needs wandb, which is not installed: `pip install wandb`, or run without --track")
     for interval, names in [*COMMON_RANGES.items(), *algo_ranges.items()]:
         low, high = (float(x) for x in interval[1:-1].split(","))
         for name, value in [(name, getattr(args, name)) for name in names if getattr(args, name) is not None]:
@@ -413,24 +436,36 @@ def check_args(args, algo_ranges, world_size):
         fail(f"--total-episodes {args.total_episodes} is not a multiple of --batch-size {args.batch_size}; change one")
     if args.batch_size % world_size:
         fail(f"--batch-size {args.batch_size} does not split over {world_size} processes; pass a multiple of it")
+    if args.eval_every % args.batch_size:  # evaluations happen between updates, after whole batches
+        every = math.ceil(args.eval_every / args.batch_size) * args.batch_size
+        print(f"note: evaluating every {every} episodes: --eval-every {args.eval_every} rounded up to whole batches")
+        args.eval_every = every
     if not args.stop_at_eos and args.missing_eos_penalty is not None:  # a fixed-length response has no end to miss
         print("note: --missing-eos-penalty applies only with --stop-at-eos; it is off in this run")
         args.missing_eos_penalty = None
     out = args.output_dir
     if args.resume:  # the same run, continued: its folder, its last checkpoint, its flags
-        if args.overwrite_output_dir or out is None or not os.path.isfile(os.path.join(out, "checkpoint.pt")):
-            fail(f"--resume: --output-dir {out} holds no checkpoint (see --save-every); pass no --overwrite-output-dir")
+        if out is None:
+            fail("--resume continues the run in --output-dir: pass --output-dir <the run's folder>")
+        if args.overwrite_output_dir:
+            fail("--resume continues a run and --overwrite-output-dir replaces it: pass one of the two")
+        if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+            fail(f"--resume: --output-dir {out} holds no checkpoint (a run writes them with --save-every)")
         if not os.path.exists(os.path.join(out, "INCOMPLETE")):
             fail(f"--resume: the run in --output-dir {out} has finished; there is nothing to resume")
         with open(os.path.join(out, "args.json")) as f:
             saved = json.load(f)
-        changed = {k: v for k, v in asdict(args).items() if k not in RESUMABLE and saved.get(k) != v}
-        for name, value in changed.items():
-            fail(f"--resume: --{name.replace('_', '-')} is {value} here but {saved.get(name)} in {out}; pass the same")
+        changed = [k for k, v in asdict(args).items() if k not in RESUMABLE and saved.get(k) != v]
+        if changed:  # every difference at once
+            said = "; ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})" for k in changed)
+            fail(f"--resume: {said}: these would change what the run computes; leave them out (its own are used)")
     elif out is not None and os.path.exists(out):
         foreign = sorted(set(os.listdir(out)) - RUN_FILES) if os.path.isdir(out) else ["it is a file"]
         if foreign:  # --overwrite-output-dir deletes a run's files, never anything else
             fail(f"--output-dir {out} is not a run's folder ({', '.join(foreign[:3])}); choose another folder")
+        stopped = all(os.path.exists(os.path.join(out, name)) for name in ["checkpoint.pt", "INCOMPLETE"])
+        if stopped and not args.overwrite_output_dir:
+            fail(f"--output-dir {out} holds a stopped run with a checkpoint: continue it with --resume, or replace it")
         if os.listdir(out) and not args.overwrite_output_dir:
             fail(f"--output-dir {out} holds a run; choose another folder, or pass --overwrite-output-dir to replace it")
 
@@ -449,7 +484,7 @@ def load_prompts(name, flag, size=None):
         fail(f"{flag} {name}: {'not a .jsonl file' if os.path.exists(name) else 'no such file'}; {form}")
     else:
         try:
-            with open(name, encoding="utf-8") as f:
+            with open(name, encoding="utf-8-sig") as f:  # -sig: a byte-order mark at the start is not text
                 lines = f.read().splitlines()
             rows = [json.loads(line) for line in lines if line.strip()]
         except UnicodeDecodeError as e:
@@ -468,6 +503,12 @@ def load_prompts(name, flag, size=None):
 
 def load_pretrained(auto_class, name, flag, **kwargs):
     """from_pretrained with one clear line naming the flag when the folder or hub name does not load."""
+    parent = os.path.dirname(name.rstrip("/"))
+    if not os.path.isdir(name) and (name.startswith((".", "/")) or name.count("/") > 1 or os.path.isdir(parent)):
+        what = (
+            "is a file, not a model folder" if os.path.exists(name) else "no such folder"
+        )  # not a hub name: no retries
+        fail(f"{flag} {name}: {what}; pass a model's folder (save_pretrained) or a hub name such as org/model")
     try:
         return auto_class.from_pretrained(name, **kwargs)
     except Exception as e:  # noqa: BLE001 (a missing folder, missing files, a wrong format: one line)
@@ -476,13 +517,17 @@ def load_pretrained(auto_class, name, flag, **kwargs):
 
 def tokenize_prompts(tokenizer, prompts, max_prompt_length, flag):
     """Token ids of each prompt, truncated from the left (the end of a prompt is what the response continues)."""
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = [tokenizer(p, verbose=False)["input_ids"] for p in prompts]  # verbose=False: our note below says it once
     if any(len(x) == 0 for x in ids):  # e.g. "" with a tokenizer that adds no BOS: there is nothing to condition on
         fail(f"{flag}: some prompts are empty after tokenization; remove them or use a tokenizer that adds BOS")
     too_long = sum(len(x) > max_prompt_length for x in ids)
     if too_long:
-        print(f"warning: {too_long} of {len(ids)} prompts are over --max-prompt-length; truncated from the left")
-    return [x[-max_prompt_length:] for x in ids]
+        print(f"note: {too_long} of {len(ids)} prompts of {flag} are over --max-prompt-length; each keeps its end")
+    for i, x in enumerate(ids):
+        if len(x) > max_prompt_length:  # a BOS the tokenizer put first stays first (the model always saw one there)
+            keep = 1 if x[0] == tokenizer.bos_token_id and max_prompt_length > 1 else 0
+            ids[i] = x[:keep] + x[len(x) - max_prompt_length + keep :]
+    return ids
 
 
 def next_prompt_indices(order, n, num_prompts):
@@ -491,6 +536,18 @@ def next_prompt_indices(order, n, num_prompts):
         order += random.sample(range(num_prompts), num_prompts)
     batch, order[:n] = order[:n], []
     return batch
+
+
+def check_same_tokenizer(vocab, policy_vocab, flag, name):
+    """A reward model reads the policy's token ids, so its vocabulary must be the policy's: if not, say how they differ
+    (an added [PAD] is the usual reason)."""
+    if vocab == policy_vocab:
+        return
+    differ = sorted(set(vocab.items()) ^ set(policy_vocab.items()), key=lambda item: (item[1], item[0]))[:4]
+    said = ", ".join(
+        f"{token!r} = {i} in {'this one' if vocab.get(token) == i else 'the policy'}" for token, i in differ
+    )
+    fail(f"{flag} {name}: its tokenizer is not the policy's ({len(vocab)} tokens against {len(policy_vocab)}: {said})")
 
 
 def load_reward_model(name, flag, dtype, device):
@@ -506,20 +563,26 @@ def load_models(args):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() and args.cuda else "cpu")
     args.cuda = device.type == "cuda"
+    if not args.cuda and not os.environ.get("OMP_NUM_THREADS"):  # the README's "Threads" has the measurements
+        torch.set_num_threads(1)  # a second thread is 1.3-1.5x faster on an idle machine, 10x slower on a busy one
+        print("note: one CPU thread; OMP_NUM_THREADS=N gives N (faster on an idle machine, far slower on a busy one)")
     if args.mixed_precision == "auto":
         args.mixed_precision = "bf16" if args.cuda else "no"
     # Forward passes autocast to bf16/fp16 on any device (on the CPU too: slow, but the very code path a GPU runs).
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.mixed_precision]
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     frozen_dtype = amp_dtype or torch.float32  # the reward models are only ever read: hold them in low precision
+    flags = {"--model-name": args.model_name, "--reward-model-name": args.reward_model_name}
+    flags["--gold-reward-model-name"] = args.gold_reward_model_name
+    for flag, name in [(flag, name) for flag, name in flags.items() if name is not None and os.path.isdir(name)]:
+        if not any(os.path.exists(os.path.join(name, file)) for file in TOKENIZER_FILES):  # transformers would make one
+            fail(f"{flag} {name}: this folder has no tokenizer; save the policy's into it (tokenizer.save_pretrained)")
     tokenizer = load_pretrained(AutoTokenizer, args.model_name, "--model-name")
     if tokenizer.eos_token_id is None:
         fail(f"--model-name {args.model_name}: its tokenizer has no EOS token, so responses cannot end; set one")
     if tokenizer.pad_token_id is None:  # e.g. GPT-2: padding is always masked, so EOS can stand in for it
         print(f"note: the tokenizer of {args.model_name} has no pad token; using EOS ({tokenizer.eos_token!r}) as pad")
         tokenizer.pad_token = tokenizer.eos_token
-    flags = {"--model-name": args.model_name, "--reward-model-name": args.reward_model_name}
-    flags["--gold-reward-model-name"] = args.gold_reward_model_name
     for flag, name in [(flag, name) for flag, name in flags.items() if name is not None]:
         config = load_pretrained(AutoConfig, name, flag)
         positions = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name too
@@ -530,8 +593,10 @@ def load_models(args):
             fail(f"--model-name {name} is a reward model ({config.architectures[0]}); pass a causal LM")
         if flag != "--model-name" and not (is_rm and config.num_labels == 1):
             fail(f"{flag} {name} is not a reward model: pass a sequence classifier with one label (num_labels=1)")
-        if flag != "--model-name" and load_pretrained(AutoTokenizer, name, flag).get_vocab() != tokenizer.get_vocab():
-            fail(f"{flag} {name}: its tokenizer is not the policy's; the RM reads the policy's token ids")
+        if flag != "--model-name":
+            check_same_tokenizer(
+                load_pretrained(AutoTokenizer, name, flag).get_vocab(), tokenizer.get_vocab(), flag, name
+            )
     # The policy is trained: fp32 master weights. The reference is the same model and stays fp32 too, so that at
     # step 0 the two give the same log-probs in every precision (KL exactly 0) and reference resets are exact.
     policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
@@ -592,7 +657,7 @@ def lerp_parameters(target, source, weight):
 def check_finite(loss, update):
     """Stop at the first NaN or inf loss; the last good model is left as it is."""
     if not torch.isfinite(loss):
-        fail(f"non-finite loss at update {update}; nothing saved: try a lower --learning-rate or --max-grad-norm")
+        fail(f"non-finite loss at update {update}; nothing saved: try a lower --learning-rate or --max-grad-norm", True)
 
 
 @torch.no_grad()
@@ -714,7 +779,10 @@ class RunLogger:
             for name in set(os.listdir(path)) & RUN_FILES:  # --overwrite-output-dir: the old run goes
                 (shutil.rmtree if os.path.isdir(os.path.join(path, name)) else os.remove)(os.path.join(path, name))
             texts = {"INCOMPLETE": "This run has not finished: no final model yet.\n", "samples.jsonl": ""}
-            for name, text in {**texts, "args.json": json.dumps(asdict(args), indent=2)}.items():
+            ran = {"num_processes": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+            ran["device"] = f"cuda ({torch.cuda.get_device_name()})" if args.cuda else "cpu"
+            ran["cpu_threads"] = torch.get_num_threads()  # a CPU run repeats bit for bit with as many threads
+            for name, text in {**texts, "args.json": json.dumps(asdict(args) | ran, indent=2)}.items():
                 with open(os.path.join(path, name), "w") as f:
                     f.write(text)
             self.file = open(os.path.join(path, "metrics.jsonl"), "w")  # noqa: SIM115 (open for the whole run)
@@ -725,16 +793,22 @@ class RunLogger:
     def interrupted(self, *_):
         """Ctrl-C: one line saying where the run stopped (the folder keeps its records, marked INCOMPLETE)."""
         self.bar.close()
-        last = " and its last checkpoint (continue with --resume)" if self.args.save_every else ""
-        fail(f"interrupted by Ctrl-C at episode {self.episode}; {self.args.output_dir} holds the records so far{last}")
+        out, saved = self.args.output_dir, self.args.save_every
+        last = f" and its last checkpoint (go on with --output-dir {out} --resume)" if saved else ""
+        fail(f"interrupted by Ctrl-C at episode {self.episode}; {out} holds the records so far{last}")
 
     def log(self, record):
         """Append a record to metrics.jsonl (and to wandb with --track)."""
         self.episode = record["episode"]
         if self.rank > 0:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: say so, with the records written so far left as they are
+            fail(
+                f"--output-dir {self.dir}: cannot write metrics.jsonl ({e.strerror}); the records so far are kept there"
+            )
         if self.wandb is not None:
             self.wandb.log(record, step=record["episode"])
 
@@ -780,7 +854,14 @@ class RunLogger:
             records["samples.jsonl"] = os.path.getsize(os.path.join(self.dir, "samples.jsonl"))
             state = {"trained": {name: state_of(obj) for name, obj in trained.items()}, "ranks": ranks}
             path = os.path.join(self.dir, "checkpoint.pt")
-            torch.save(state | {"loop": loop, "records": records}, path + ".tmp")
+            try:
+                torch.save(state | {"loop": loop, "records": records}, path + ".tmp")
+            except Exception as e:  # noqa: BLE001 (a full disk: one line; the previous checkpoint stays whole)
+                with contextlib.suppress(OSError):
+                    os.remove(path + ".tmp")
+                fail(
+                    f"--output-dir {self.dir}: cannot write a checkpoint ({str(e).splitlines()[0]}); kept the last one"
+                )
             os.replace(path + ".tmp", path)
 
     def resume(self, trained, own):
@@ -798,7 +879,9 @@ class RunLogger:
         random.setstate(mine["rng"][1])
         if self.args.cuda and mine["rng"][2] is not None:
             torch.cuda.set_rng_state(mine["rng"][2])
-        self.episode = state["loop"]["episode"]
+        self.episode = self.bar.n = state["loop"]["episode"]
+        if self.rank == 0:
+            self.bar.write(f"resumed at episode {self.episode} from its checkpoint in {self.dir}")
         return state["loop"]
 
     def finish(self, policy, tokenizer, start_time):
@@ -808,10 +891,16 @@ class RunLogger:
             torch.distributed.destroy_process_group()
         if self.rank > 0:
             return
-        if self.args.save_model:
-            policy.save_pretrained(os.path.join(self.dir, "model"))
-            tokenizer.save_pretrained(os.path.join(self.dir, "model"))
         self.file.close()
+        if self.args.save_model:  # written beside, then renamed: a failed save never looks like a model
+            path = os.path.join(self.dir, "model")
+            try:
+                policy.save_pretrained(path + ".tmp")
+                tokenizer.save_pretrained(path + ".tmp")
+            except Exception as e:  # noqa: BLE001 (a full disk: one line, not a traceback; the records stay whole)
+                shutil.rmtree(path + ".tmp", ignore_errors=True)
+                fail(f"--output-dir {self.dir}: cannot save the final model ({str(e).splitlines()[0]}); records kept")
+            os.replace(path + ".tmp", path)
         os.remove(os.path.join(self.dir, "INCOMPLETE"))
         if self.wandb is not None:
             self.wandb.finish()
@@ -819,7 +908,7 @@ class RunLogger:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = parse_args()
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     rank, world_size = setup_distributed(args)
     check_args(args, ALGO_RANGES, world_size)

@@ -172,7 +172,7 @@ def run_once(script, args, seed, folder, models):
         *args.extra.split(),
     ]
     # One process: the machine's default thread count, as a user would run it; N: the cores shared out among them.
-    threads = {} if args.nproc == 1 else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}  # all cores (not the one default)
     wall, peak_rss = run_child(cmd, env={**os.environ, **threads})  # peak RSS: the largest process's
     with open(os.path.join(out, "metrics.jsonl")) as f:
         last = [r for r in map(json.loads, f) if "objective/scores" in r][-1]

@@ -226,8 +226,8 @@ def stopped_run(tmp_path_factory):
     "flags, message",
     [
         (["--resume", "--output-dir", "{run}x"], "--resume: --output-dir {run}x holds no checkpoint"),
-        (["--resume", "--learning-rate", "1e-3"], "--learning-rate is 0.001 here but 0.0003 in"),
-        (["--resume", "--overwrite-output-dir"], "pass no --overwrite-output-dir"),
+        (["--resume", "--learning-rate", "1e-3"], "--resume: --learning-rate 0.001 (the run's: 0.0003): these would"),
+        (["--resume", "--overwrite-output-dir"], "--resume continues a run and --overwrite-output-dir replaces it"),
         (["--rollout-micro-batch-size", "0"], "--rollout-micro-batch-size must be in [1, inf)"),
         (["--save-every", "-1"], "--save-every must be in [0, inf)"),
     ],
