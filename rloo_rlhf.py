@@ -350,6 +350,8 @@ def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=F
 def fail(message, every_rank=False):
     """Stop with one line that names the flag and the fix (no traceback). Under torchrun every rank finds a bad flag and
     rank 0 alone says it; what one rank can meet alone (a NaN in its share) is said by every rank that meets it."""
+    for bar in list(tqdm._instances):  # end the progress bar's line first, so the message starts its own
+        bar.close()
     raise SystemExit(f"error: {message}" if every_rank or os.environ.get("RANK", "0") == "0" else 1)
 
 
@@ -479,9 +481,8 @@ def load_pretrained(auto_class, name, flag, **kwargs):
     """from_pretrained with one clear line naming the flag when the folder or hub name does not load."""
     parent = os.path.dirname(name.rstrip("/"))
     if not os.path.isdir(name) and (name.startswith((".", "/")) or name.count("/") > 1 or os.path.isdir(parent)):
-        what = (
-            "is a file, not a model folder" if os.path.exists(name) else "no such folder"
-        )  # not a hub name: no retries
+        # A local path, not a hub name: say so now instead of retrying the hub.
+        what = "is a file, not a model folder" if os.path.exists(name) else "no such folder"
         fail(f"{flag} {name}: {what}; pass a model's folder (save_pretrained) or a hub name such as org/model")
     try:
         return auto_class.from_pretrained(name, **kwargs)
@@ -512,15 +513,14 @@ def next_prompt_indices(order, n, num_prompts):
     return batch
 
 
-def check_same_tokenizer(vocab, policy_vocab, flag, name):
+def check_same_tokenizer(tokenizer, policy_tokenizer, flag, name):
     """A reward model reads the policy's token ids, so its vocabulary must be the policy's: if not, say how they differ
     (an added [PAD] is the usual reason)."""
+    vocab, policy_vocab = tokenizer.get_vocab(), policy_tokenizer.get_vocab()
     if vocab == policy_vocab:
         return
     differ = sorted(set(vocab.items()) ^ set(policy_vocab.items()), key=lambda item: (item[1], item[0]))[:4]
-    said = ", ".join(
-        f"{token!r} = {i} in {'this one' if vocab.get(token) == i else 'the policy'}" for token, i in differ
-    )
+    said = ", ".join(f"{t!r} = {i} in {'this one' if vocab.get(t) == i else 'the policy'}" for t, i in differ)
     fail(f"{flag} {name}: its tokenizer is not the policy's ({len(vocab)} tokens against {len(policy_vocab)}: {said})")
 
 
@@ -567,10 +567,8 @@ def load_models(args):
             fail(f"--model-name {name} is a reward model ({config.architectures[0]}); pass a causal LM")
         if flag != "--model-name" and not (is_rm and config.num_labels == 1):
             fail(f"{flag} {name} is not a reward model: pass a sequence classifier with one label (num_labels=1)")
-        if flag != "--model-name":
-            check_same_tokenizer(
-                load_pretrained(AutoTokenizer, name, flag).get_vocab(), tokenizer.get_vocab(), flag, name
-            )
+        if flag != "--model-name":  # the RM reads the policy's token ids
+            check_same_tokenizer(load_pretrained(AutoTokenizer, name, flag), tokenizer, flag, name)
     # The policy is trained: fp32 master weights. The reference is the same model and stays fp32 too, so that at
     # step 0 the two give the same log-probs in every precision (KL exactly 0) and reference resets are exact.
     policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
@@ -766,7 +764,6 @@ class RunLogger:
 
     def interrupted(self, *_):
         """Ctrl-C: one line saying where the run stopped (the folder keeps its records, marked INCOMPLETE)."""
-        self.bar.close()
         out, saved = self.args.output_dir, self.args.save_every
         last = f" and its last checkpoint (go on with --output-dir {out} --resume)" if saved else ""
         fail(f"interrupted by Ctrl-C at episode {self.episode}; {out} holds the records so far{last}")
@@ -780,9 +777,7 @@ class RunLogger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as e:  # a full disk: say so, with the records written so far left as they are
-            fail(
-                f"--output-dir {self.dir}: cannot write metrics.jsonl ({e.strerror}); the records so far are kept there"
-            )
+            fail(f"--output-dir {self.dir}: cannot write metrics.jsonl ({e.strerror}); the records so far are kept")
         if self.wandb is not None:
             self.wandb.log(record, step=record["episode"])
 
@@ -833,9 +828,7 @@ class RunLogger:
             except Exception as e:  # noqa: BLE001 (a full disk: one line; the previous checkpoint stays whole)
                 with contextlib.suppress(OSError):
                     os.remove(path + ".tmp")
-                fail(
-                    f"--output-dir {self.dir}: cannot write a checkpoint ({str(e).splitlines()[0]}); kept the last one"
-                )
+                fail(f"--output-dir {self.dir}: cannot write a checkpoint ({str(e).splitlines()[0]}); kept the last")
             os.replace(path + ".tmp", path)
 
     def resume(self, trained, own):

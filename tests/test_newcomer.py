@@ -228,3 +228,30 @@ def test_a_bad_flag_under_torchrun_is_said_once(tmp_path, llama):
     assert result.returncode != 0
     said = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert said == ["error: --batch-size 9 does not split over 2 processes; pass a multiple of it"], result.stderr
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one(tmp_path, llama, monkeypatch):
+    import torch
+
+    save, calls = torch.save, []
+
+    def full_disk_on_the_second(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "w") as f:
+                f.write("half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_on_the_second)
+    out = tmp_path / "run"
+    code, _, stderr = run_main(
+        "rloo_rlhf.py", *llama.args(), *TINY, "--total-episodes", "48", "--save-every", "16", "--output-dir", str(out)
+    )
+    line = one_error_line(code, stderr)
+    assert (
+        line.startswith(f"error: --output-dir {out}: cannot write a checkpoint ([enforce fail")
+        and "kept the last" in line
+    )
+    assert not (out / "checkpoint.pt.tmp").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["loop"]["episode"] == 16  # the first, whole
