@@ -10,7 +10,7 @@ Papers: RLOO, "Back to Basics" (Ahmadian et al. 2024, https://arxiv.org/abs/2402
 http://joschu.net/blog/kl-approx.html).
 "N details, <section> #k": item k of that section of "The N Implementation Details of RLHF with PPO" (Huang et al.
 2023, https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo); "N+": Huang et al. 2024,
-https://arxiv.org/abs/2403.17031. Style: CleanRL (one file, the algorithm first, a flat main loop); flags: README.md.
+https://arxiv.org/abs/2403.17031. Style: CleanRL (one file, the algorithm first, a flat loop); flags: docs/usage.md.
 
 Usage: python rloo_rlhf.py --help   (defaults train on the built-in offline tinyworld in a few minutes)
 """
@@ -42,7 +42,7 @@ transformers.utils.logging.disable_progress_bar()  # keep the output to our own 
 @dataclass
 class Args:
     """Fine-tune a causal LM against a reward model with a KL penalty to its frozen initial self. The defaults train
-    the built-in tinyworld (a tiny SFT policy, proxy and gold RMs, prompts) on a CPU; the README says more."""
+    the built-in tinyworld (a tiny SFT policy, proxy and gold RMs, prompts) on a CPU; README.md says more."""
 
     exp_name: str = os.path.basename(__file__).removesuffix(".py")  # the name of this experiment
     seed: int = 1  # seed of the experiment (value heads, prompt order, sampling)
@@ -332,7 +332,7 @@ def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, p
 
 
 def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=False):
-    """The common metrics of a batch of responses (the README's metric table): objective/scores, objective/kl,
+    """The common metrics of a batch of responses (docs/usage.md, "Metrics"): objective/scores, objective/kl,
     objective/entropy, objective/response_length, objective/eos_rate in training records, eval/... in evaluations.
     With gather, of the global batch (every rank's responses under torchrun)."""
     kl = ((logprobs - ref_logprobs) * mask).sum(1)  # [batch] sequence-level k1 on the sampled tokens
@@ -537,7 +537,7 @@ def load_models(args):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() and args.cuda else "cpu")
     args.cuda = device.type == "cuda"
-    if not args.cuda and not os.environ.get("OMP_NUM_THREADS"):  # the README's "Threads" has the measurements
+    if not args.cuda and not os.environ.get("OMP_NUM_THREADS"):  # docs/usage.md, "Threads": the measurements
         torch.set_num_threads(1)  # a second thread is 1.3-1.5x faster on an idle machine, 10x slower on a busy one
         print("note: one CPU thread; OMP_NUM_THREADS=N gives N (faster on an idle machine, far slower on a busy one)")
     if args.mixed_precision == "auto":
@@ -782,7 +782,7 @@ class RunLogger:
             self.wandb.log(record, step=record["episode"])
 
     def log_train(self, episode, update, lr, kl_coef, objective, start_time, time_rollout, time_update, algo_stats):
-        """A training record: the common keys (the README's metric table), then the algorithm's own (rank means)."""
+        """A training record: the common keys (docs/usage.md, "Metrics"), then the algorithm's own (rank means)."""
         elapsed = time.time() - start_time
         record = {"episode": episode, "update": update, "lr": lr, "objective/kl_coef": kl_coef}
         record |= {"time/elapsed_s": elapsed, "time/episodes_per_s": episode / elapsed}

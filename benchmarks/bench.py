@@ -47,7 +47,7 @@ class Args:
     hidden_size: int | None = None
     """None: the tinyworld models; else a random Llama policy and reward model of this width (and --layers)"""
     layers: int = 8
-    """layers of the random models (--hidden-size 512 --layers 8: 25M matmul parameters each)"""
+    """layers of the random models (--hidden-size 512 --layers 8: 21M matmul parameters each)"""
     nproc: int = 1
     """processes per run: 1 = `python <script>`, N > 1 = `torchrun --nproc-per-node N`, the cores split between them"""
 
