@@ -25,7 +25,13 @@ Usage (the README's "Results" lists every command behind its tables; times are o
   python benchmarks/compare.py --output-dir results/head_to_head                # 3 scripts x 3 seeds, ~17 min
   python benchmarks/compare.py --runs rloo_rlhf.py --kl-coefs 0 0.01 0.03 0.05 0.1 \
       --extra="--eval-every 1024" --output-dir results/kl_sweep                 # over-optimisation, ~11 min
+  python benchmarks/compare.py --replot results/head_to_head                    # redraw a report, no runs, seconds
 Plots need matplotlib: python -m pip install -r requirements-plots.txt (or pass --no-plots).
+
+--replot FOLDER rewrites FOLDER's table.md and PNGs from its summary.json alone with this version of the table and
+the plots (write_report, as at the end of a comparison); it loads and runs nothing and leaves summary.json as it is,
+so a change to how results are shown reaches every committed results/ folder without their runs (which are not
+committed). A section whose numbers an older summary.json lacks (thresholds, the sqrt(KL) law) is left out.
 """
 
 import importlib.util
@@ -73,6 +79,9 @@ class Args:
     """runs at a time (each with one thread)"""
     plots: bool = True
     """draw the PNGs (needs matplotlib)"""
+    replot: str = ""
+    """redraw the report folder given here (table.md and the PNGs) from its summary.json alone, running nothing
+    (takes no other flag but --no-plots)"""
 
 
 def fail(message):
@@ -479,7 +488,7 @@ def write_table(summary, path):
         f"episodes-to-reach column uses {label0}'s final mean proxy score and largest final KL.",
         "",
     ]
-    lines += threshold_table(summary) if summary["gold_thresholds"] else []
+    lines += threshold_table(summary) if summary.get("gold_thresholds") else []  # not in reports made before it
     if any(run["gao_fit"] for run in runs.values()):
         lines += [
             "Gao et al. fit of the gold score gain over the start, R(d) = d (a - b log d), d = sqrt(KL), "
@@ -565,7 +574,9 @@ def variety_table(summary):
 
 
 def sqrt_kl_law_table(summary):
-    """Per run, the fit of fit_sqrt_kl_law for the proxy and the gold score."""
+    """Per run, the fit of fit_sqrt_kl_law for the proxy and the gold score (none in reports made before it)."""
+    if not any("sqrt_kl_law" in run for run in summary["runs"].values()):
+        return []
     cell = lambda x, f: "-" if x is None else f.format(x)  # noqa: E731
     lines = [
         "Bai et al. (2022) sqrt(KL) law: score gain over the start = slope x sqrt(KL), least squares over every "
@@ -713,8 +724,33 @@ def plot(summary, folder):
     plt.close("all")
 
 
+def write_report(summary, folder, plots=True):
+    """table.md and, with plots, the PNGs of a report folder, from its summary alone."""
+    write_table(summary, os.path.join(folder, "table.md"))
+    if plots:
+        plot(summary, folder)
+
+
+def replot(folder, plots=True):
+    """Rewrite folder's table.md and PNGs from its summary.json with this version of the table and the plots; no run
+    is loaded or repeated and summary.json is left as it is."""
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+    write_report(summary, folder, plots)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.replot:
+        if args != Args(replot=args.replot, plots=args.plots):
+            fail("--replot redraws a finished report from its summary.json: it takes no other flag but --no-plots")
+        if not os.path.isfile(os.path.join(args.replot, "summary.json")):
+            fail(f"--replot: {args.replot} has no summary.json (a report folder written by this script)")
+        if args.plots and importlib.util.find_spec("matplotlib") is None:
+            fail("plots need matplotlib: python -m pip install -r requirements-plots.txt (or pass --no-plots)")
+        replot(args.replot, args.plots)
+        print(f"rewrote {args.replot}/table.md" + (" and its plots" if args.plots else ""))
+        raise SystemExit(0)
     check_args(args)
     if args.best_of_n:
         best_of_n_args(args, args.seeds[0])  # a flag it cannot read fails now, not after the runs
@@ -732,8 +768,6 @@ if __name__ == "__main__":
     summary = summarise(args, labels)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    write_table(summary, os.path.join(args.output_dir, "table.md"))
-    if args.plots:
-        plot(summary, args.output_dir)
+    write_report(summary, args.output_dir, args.plots)
     with open(os.path.join(args.output_dir, "table.md")) as f:
         print(f.read())

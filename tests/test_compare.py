@@ -307,3 +307,23 @@ def test_sqrt_kl_law_fit_finds_the_slope_and_where_the_line_stops_holding():
     assert fit["holds_to_d"] == 3.0 and fit["slope_there"] == pytest.approx(0.8) and fit["r2"] < 0.5
     assert fit["slope"] == pytest.approx(sum(d * r for d, r in bent) / sum(d * d for d, _ in bent))
     assert compare.fit_sqrt_kl_law(line[:3]) is None  # too few points
+
+
+def test_replot_redraws_a_report_from_its_summary_alone(tmp_path):
+    """--replot rewrites table.md and the PNGs from summary.json (no run folders: the committed results have none);
+    with nothing changed in the code, the table is the one the comparison wrote, and summary.json is left alone."""
+    committed = REPO / "results" / "head_to_head"
+    folder = tmp_path / "head_to_head"
+    folder.mkdir()
+    (folder / "summary.json").write_bytes((committed / "summary.json").read_bytes())
+    result = run_compare("--replot", str(folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(folder)) == ["entropy.png", "kl.png", "scores.png", "summary.json", "table.md"]
+    for png in ["scores.png", "kl.png", "entropy.png"]:
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "table.md").read_text() == (committed / "table.md").read_text()
+    assert (folder / "summary.json").read_bytes() == (committed / "summary.json").read_bytes()
+    # only a report folder, and no flag that would make or change runs
+    assert "no summary.json" in run_compare("--replot", str(tmp_path)).stderr
+    refused = run_compare("--replot", str(folder), "--seeds", "1")
+    assert refused.returncode != 0 and "no other flag" in refused.stderr
