@@ -11,7 +11,8 @@ its own. The report folder (--output-dir) then holds:
 - table.md: per run, the mean and half-range over seeds of the final evaluation (proxy score, gold score,
   KL, entropy, response length), wall time, episodes per second and peak memory; for each --gold-thresholds
   value, the episode at which each seed's evaluation first reaches it and the KL there; the Gao et al. (2022) fit
-  of gold score against d = sqrt(KL); the best-of-n baseline;
+  of gold score against d = sqrt(KL), its peak given only where it lies within the d the data cover; the
+  best-of-n baseline;
 - scores.png (proxy and gold score against episodes), kl.png (both against sqrt(KL), with best-of-n and the
   fits), entropy.png (entropy against episodes), summary.json (every number the table and plots use);
 - runs/<run>__<seed>/: each run's own folder (args.json, metrics.jsonl, samples.jsonl, runner.json).
@@ -287,6 +288,23 @@ def fit_gao(points):
     }
 
 
+def fit_d_range(runs):
+    """The smallest and largest d = sqrt(KL) among the points fit_gao is given for these runs (every evaluation after
+    the start, d > 0), from the summary's evaluations; None if there are none."""
+    ds = [math.sqrt(max(e["eval/kl"], 0.0)) for run in runs for s in run["seeds"] for e in s["evals"][1:]]
+    ds = [d for d in ds if d > 0]
+    return (min(ds), max(ds)) if ds else None
+
+
+def peak_in_data(fit, d_range):
+    """The fit's peak d* and its gain there, (d*, b d*), when d* lies within the d its points cover (d_range, from
+    fit_d_range); None otherwise. A peak outside them is the fit's extrapolation (beyond the largest d) or its
+    interpolation between the start and the first evaluation (below the smallest), not a finding: not reported."""
+    if fit and fit["peak_d"] and d_range and d_range[0] <= fit["peak_d"] <= d_range[1]:
+        return fit["peak_d"], fit["peak_gain"]
+    return None
+
+
 def fit_sqrt_kl_law(points, min_r2=0.9):
     """Bai et al. (2022, sec. 4.3): over training the RM score grows about linearly in d = sqrt(KL). Least squares of
     the gain R = slope x d (through the start) over (d, R) points: slope and R^2 over all of them, and the widest
@@ -489,33 +507,7 @@ def write_table(summary, path):
         "",
     ]
     lines += threshold_table(summary) if summary.get("gold_thresholds") else []  # not in reports made before it
-    if any(run["gao_fit"] for run in runs.values()):
-        lines += [
-            "Gao et al. fit of the gold score gain over the start, R(d) = d (a - b log d), d = sqrt(KL), "
-            "over every evaluation of every seed:",
-            "",
-            "| run | a | b | peak at d | peak gain | largest d seen | R^2 | points |",
-            "|" + " --- |" * 8,
-        ]
-        fits = [(label, run["gao_fit"]) for label, run in runs.items()]
-        if summary["pooled_fit"]:
-            fits.append(("all runs pooled", summary["pooled_fit"]))
-        for label, fit in fits:
-            if fit is None:
-                lines.append(f"| {label} | - | - | - | - | - | - | too few |")
-                continue
-            peak = f"{fit['peak_d']:.2f}" if fit["peak_d"] else "none in sight"
-            gain = f"{fit['peak_gain']:.2f}" if fit["peak_gain"] else "-"
-            r2 = "-" if fit["r2"] is None else f"{fit['r2']:.2f}"
-            lines.append(
-                f"| {label} | {fit['a']:.3f} | {fit['b']:.3f} | {peak} | {gain} | {fit['max_d']:.2f} "
-                f"| {r2} | {fit['points']} |"
-            )
-        lines += [
-            "",
-            f"A peak beyond the largest d seen is an extrapolation; kl.png draws fits with R^2 >= {MIN_R2_TO_DRAW}.",
-            "",
-        ]
+    lines += gao_table(summary)
     lines += sqrt_kl_law_table(summary)
     lines += variety_table(summary)
     if summary.get("best_of_n"):
@@ -597,6 +589,51 @@ def sqrt_kl_law_table(summary):
                 f"| {fit['points']} |"
             )
     return lines + [""]
+
+
+def gao_table(summary):
+    """Per run (and pooled, in a sweep) the Gao et al. fit of fit_gao, with the range of d its points cover; its peak
+    only where it lies within that range (peak_in_data)."""
+    runs = summary["runs"]
+    if not any(run["gao_fit"] for run in runs.values()):
+        return []
+    lines = [
+        "Gao et al. fit of the gold score gain over the start, R(d) = d (a - b log d), d = sqrt(KL), "
+        "over every evaluation of every seed:",
+        "",
+        "| run | a | b | peak at d | peak gain | smallest d seen | largest d seen | R^2 | points |",
+        "|" + " --- |" * 9,
+    ]
+    fits = [(label, run["gao_fit"], fit_d_range([run])) for label, run in runs.items()]
+    if summary["pooled_fit"]:
+        fits.append(("all runs pooled", summary["pooled_fit"], fit_d_range(runs.values())))
+    for label, fit, d_range in fits:
+        if fit is None:
+            lines.append(f"| {label} | - | - | - | - | - | - | - | too few |")
+            continue
+        within = peak_in_data(fit, d_range)
+        if within:
+            peak, gain = f"{within[0]:.2f}", f"{within[1]:.2f}"
+        elif fit["b"] <= 0:
+            peak, gain = "none", "-"
+        else:
+            peak, gain = "below smallest d" if fit["peak_d"] and fit["peak_d"] < d_range[0] else "beyond largest d", "-"
+        r2 = "-" if fit["r2"] is None else f"{fit['r2']:.2f}"
+        lines.append(
+            f"| {label} | {fit['a']:.3f} | {fit['b']:.3f} | {peak} | {gain} | {d_range[0]:.2f} | {fit['max_d']:.2f} "
+            f"| {r2} | {fit['points']} |"
+        )
+    lines += [
+        "",
+        "Peak at d: where the fit is highest, d* = exp(a / b - 1), given only when it lies within the d its points "
+        "cover (from the smallest to the largest d seen after the start), with the gain there (b d*). 'beyond "
+        "largest d': the fit still rises at the largest d seen and would turn over only beyond the data, an "
+        "extrapolation. 'below smallest d': its maximum falls between the start (d = 0) and the first point, where "
+        "no evaluation was made. Neither is a finding. 'none': the fit has no maximum (b <= 0). kl.png draws the "
+        f"runs' fits with R^2 >= {MIN_R2_TO_DRAW} (and a sweep's pooled fit) over the d their points cover.",
+        "",
+    ]
+    return lines
 
 
 def threshold_table(summary):
@@ -690,18 +727,27 @@ def plot(summary, folder):
             for i, run in enumerate(runs.values()):
                 fit = run["gao_fit"]
                 if fit and fit["r2"] is not None and fit["r2"] >= MIN_R2_TO_DRAW and "eval/gold_scores" in run["start"]:
-                    ds = [fit["max_d"] * j / 50 for j in range(1, 51)]
+                    lo, hi = fit_d_range([run])  # over the d its points cover
+                    ds = [lo + (hi - lo) * j / 50 for j in range(51)]
                     ax.plot(
                         ds,
                         [run["start"]["eval/gold_scores"] + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds],
                         ":",
                         color=colors[i % len(colors)],
                     )
-            ax.plot([], [], ":", color="gray", label=f"fit d (a - b log d) of each run with R^2 >= {MIN_R2_TO_DRAW}")
+            ax.plot(
+                [],
+                [],
+                ":",
+                color="gray",
+                label=f"fit d (a - b log d) of each run with R^2 >= {MIN_R2_TO_DRAW}, over the d its points cover",
+            )
             fit, start = summary["pooled_fit"], next(iter(runs.values()))["start"]
             if fit and fit["r2"] is not None:  # drawn whatever its R^2 (shown): it is the sweep's headline
-                ds = [fit["max_d"] * j / 100 for j in range(1, 101)]
-                peak = f", peak at d = {fit['peak_d']:.1f}" if fit["peak_d"] else ""
+                lo, hi = fit_d_range(runs.values())
+                ds = [lo + (hi - lo) * j / 100 for j in range(101)]
+                within = peak_in_data(fit, fit_d_range(runs.values()))  # a peak outside the data is none
+                peak = f", peak at d = {within[0]:.1f}" if within else ""
                 ax.plot(
                     ds,
                     [start["eval/gold_scores"] + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds],

@@ -327,3 +327,51 @@ def test_replot_redraws_a_report_from_its_summary_alone(tmp_path):
     assert "no summary.json" in run_compare("--replot", str(tmp_path)).stderr
     refused = run_compare("--replot", str(folder), "--seeds", "1")
     assert refused.returncode != 0 and "no other flag" in refused.stderr
+
+
+A, B = 1.3, 0.6  # a Gao curve R(d) = d (A - B log d) with its peak at d* = exp(A / B - 1) = 3.21
+
+
+def run_on_curve(ds_per_seed):
+    """A run whose seeds' gold scores lie on the curve at the given d = sqrt(KL) after a start at 0, with its fit."""
+    seeds = []
+    for seed, ds in enumerate(ds_per_seed):
+        evals = [{"episode": 0, "eval/kl": 0.0, "eval/scores": 0.0, "eval/gold_scores": 0.0, "eval/entropy": 1.5}]
+        evals += [
+            {"episode": 16 * (j + 1), "eval/kl": d * d, "eval/scores": d, "eval/gold_scores": d * (A - B * math.log(d)),
+             "eval/entropy": 1.5 - 0.1 * j}
+            for j, d in enumerate(ds)
+        ]  # fmt: skip
+        seeds.append({"seed": seed + 1, "evals": evals})
+    points = [(math.sqrt(e["eval/kl"]), e["eval/gold_scores"]) for s in seeds for e in s["evals"][1:]]
+    return {"seeds": seeds, "start": seeds[0]["evals"][0], "gao_fit": compare.fit_gao(points)}
+
+
+def test_a_fits_peak_is_reported_only_within_the_data():
+    """A Gao fit's peak d* is a finding only between the smallest and the largest d its points cover: beyond them it
+    is the fit's extrapolation, below them its guess between the start and the first evaluation."""
+    within, beyond, below = (
+        run_on_curve([ds]) for ds in ([0.5, 1.0, 2.0, 3.0, 4.0], [0.1, 0.2, 0.3, 0.34], [4, 5, 6, 7])
+    )
+    for run in (within, beyond, below):  # the same curve, so the same peak, wherever the data lie
+        assert run["gao_fit"]["peak_d"] == pytest.approx(math.exp(A / B - 1))
+    assert compare.fit_d_range([within]) == pytest.approx((0.5, 4.0))
+    assert compare.peak_in_data(within["gao_fit"], (0.5, 4.0)) == pytest.approx((3.21, 1.93), abs=5e-3)
+    assert compare.peak_in_data(beyond["gao_fit"], (0.1, 0.34)) is None
+    assert compare.peak_in_data(below["gao_fit"], (4.0, 7.0)) is None
+    rising = {
+        "seeds": within["seeds"],
+        "gao_fit": compare.fit_gao([(d, 0.8 * d + 0.1 * d * d) for d in [0.5, 1, 2, 4]]),
+    }
+    assert rising["gao_fit"]["b"] < 0  # no maximum at all
+    runs = {"within": within, "beyond": beyond, "below": below, "rising": rising, "few": {**within, "gao_fit": None}}
+    rows = compare.gao_table({"runs": runs, "pooled_fit": None})
+    assert "| within | 1.300 | 0.600 | 3.21 | 1.93 | 0.50 | 4.00 | 1.00 | 5 |" in rows
+    assert "| beyond | 1.300 | 0.600 | beyond largest d | - | 0.10 | 0.34 | 1.00 | 4 |" in rows
+    assert "| below | 1.300 | 0.600 | below smallest d | - | 4.00 | 7.00 | 1.00 | 4 |" in rows
+    assert next(row for row in rows if row.startswith("| rising |")).split(" | ")[3:5] == ["none", "-"]
+    assert "| few | - | - | - | - | - | - | - | too few |" in rows
+    assert sum("3.21" in row for row in rows) == 1  # the peak outside the data is printed nowhere
+    pooled = compare.gao_table({"runs": {"beyond": beyond}, "pooled_fit": beyond["gao_fit"]})
+    assert "| all runs pooled | 1.300 | 0.600 | beyond largest d | - | 0.10 | 0.34 | 1.00 | 4 |" in pooled
+    assert compare.gao_table({"runs": {"few": {"gao_fit": None}}, "pooled_fit": None}) == []
