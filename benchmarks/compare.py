@@ -13,8 +13,11 @@ its own. The report folder (--output-dir) then holds:
   value, the episode at which each seed's evaluation first reaches it and the KL there; the Gao et al. (2022) fit
   of gold score against d = sqrt(KL), its peak given only where it lies within the d the data cover; the
   best-of-n baseline;
-- scores.png (proxy and gold score against episodes), kl.png (both against sqrt(KL), with best-of-n and the
-  fits), entropy.png (entropy against episodes), summary.json (every number the table and plots use);
+- scores.png (proxy and gold score against episodes) and entropy.png (entropy against episodes): per run the mean
+  over seeds, a dot per evaluation, shaded from the lowest to the highest seed; kl.png (both scores against
+  sqrt(KL)): each seed's own path through its evaluations (thin), per run the mean over seeds of the score where
+  each seed's path first reaches d (thick, over the d all its seeds reach), best-of-n and the fits; each figure's
+  legend says so; summary.json (every number the table and plots use);
 - runs/<run>__<seed>/: each run's own folder (args.json, metrics.jsonl, samples.jsonl, runner.json).
 
 Best-of-n baseline: n responses per evaluation prompt from the SFT policy, keep the one the proxy RM scores
@@ -663,109 +666,167 @@ def threshold_table(summary):
     return lines + [""]
 
 
+def first_reach(xs, ys, x):
+    """y where the path through the points (xs, ys), in their order, first reaches x from below, interpolated linearly
+    between the two points around it; None if it starts beyond x or never gets there."""
+    if not xs or xs[0] > x:
+        return None
+    if xs[0] == x:
+        return ys[0]
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+        if x0 <= x <= x1:
+            return y0 + (x - x0) / (x1 - x0) * (y1 - y0) if x1 > x0 else y0
+    return None
+
+
+def mean_first_reach(paths, points=100):
+    """The mean over seeds of each seed's y where it first reaches x (first_reach), on a grid of x over the range every
+    seed covers: from the largest of their first x to the smallest of their largest x. paths: one (xs, ys) per seed.
+    A seed's path can go back in x (KL falls as well as rises), so the mean at equal evaluations, drawn against the
+    mean x, can fold back on itself; this one cannot. Returns (grid, means), empty when the range is a point."""
+    lo, hi = max(xs[0] for xs, _ in paths), min(max(xs) for xs, _ in paths)
+    if hi <= lo:
+        return [], []
+    grid = [lo + (hi - lo) * k / (points - 1) for k in range(points - 1)] + [hi]  # hi exactly: every seed gets there
+    return grid, [sum(first_reach(xs, ys, x) for xs, ys in paths) / len(paths) for x in grid]
+
+
 def plot(summary, folder):
-    """scores.png, kl.png and entropy.png: per run the mean over seeds, shaded from the lowest to the highest."""
+    """scores.png, kl.png and entropy.png; each says in its legend what its lines, bands, dots and fits are.
+
+    Against episodes (scores, entropy): per run the mean over seeds at each evaluation (a dot each), shaded from the
+    lowest to the highest seed. Against sqrt(KL) (kl.png): each seed's own path through its evaluations, thin and
+    faint, and per run the mean over seeds where each first reaches d (mean_first_reach); best-of-n; Gao et al. fits.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     runs = summary["runs"]
     colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors  # one colour per run, up to 20 runs
+    color = {label: colors[i % len(colors)] for i, label in enumerate(runs)}
+    seeds = len(summary["seeds"])
+    several = all(len(run["seeds"]) > 1 for run in runs.values())
+    gray = "0.45"
 
-    def curves(ax, key, x_key="episode", sqrt_x=False):
-        for i, (label, run) in enumerate(runs.items()):
+    def figure(width, keys, ncol):
+        """A figure whose legend, under its panels, names the runs by colour and then says what is drawn (keys)."""
+        rows = len(runs) + len(keys) if ncol == 1 else max(len(runs), len(keys))
+        fig = plt.figure(figsize=(width, 3.8 + 0.17 * rows + 0.2), layout="constrained")
+        handles = [Line2D([], [], color=color[label], lw=2, label=label) for label in runs]
+        blank = Line2D([], [], linestyle="none", label=" ")
+        if ncol == 2:  # runs in the left column, what is drawn in the right
+            handles += [blank] * (rows - len(runs))
+            keys = keys + [blank] * (rows - len(keys))
+        return fig, lambda: fig.legend(handles=handles + keys, loc="outside lower center", ncol=ncol, fontsize=7)
+
+    def over_episodes(ax, key):
+        """Per run the mean over seeds at each evaluation (dots), shaded from the lowest to the highest seed."""
+        for label, run in runs.items():
             evals = [s["evals"] for s in run["seeds"]]
             if not all(key in e for ev in evals for e in ev):
                 continue
             n = min(len(ev) for ev in evals)
-            xs = [[math.sqrt(max(ev[j][x_key], 0.0)) if sqrt_x else ev[j][x_key] for j in range(n)] for ev in evals]
+            xs = [evals[0][j]["episode"] for j in range(n)]  # every seed evaluates at the same episodes
             ys = [[ev[j][key] for j in range(n)] for ev in evals]
-            mean = lambda rows, j: sum(row[j] for row in rows) / len(rows)
-            ax.plot(
-                [mean(xs, j) for j in range(n)],
-                [mean(ys, j) for j in range(n)],
-                "-o",
-                ms=3,
-                color=colors[i % len(colors)],
-                label=label,
-            )
-            if sqrt_x:  # each seed's points, since seeds reach different KLs
-                for x, y in zip(xs, ys):
-                    ax.plot(x, y, ".", ms=3, alpha=0.35, color=colors[i % len(colors)])
-            else:
+            ax.plot(xs, [sum(row[j] for row in ys) / len(ys) for j in range(n)], "-o", ms=3, color=color[label])
+            if len(ys) > 1:
+                columns = list(zip(*ys))  # the seeds' values at each evaluation
                 ax.fill_between(
-                    xs[0],
-                    [min(row[j] for row in ys) for j in range(n)],
-                    [max(row[j] for row in ys) for j in range(n)],
-                    alpha=0.2,
-                    color=colors[i % len(colors)],
+                    xs, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2, lw=0, color=color[label]
                 )
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    entry = lambda label, **style: Line2D([], [], label=label, **style)  # noqa: E731 (a legend entry, nothing drawn)
+    line = (
+        f"line: mean over the {seeds} seeds, a dot per evaluation"
+        if several
+        else "line: the one seed, a dot per evaluation"
+    )
+    episode_keys = [entry(line, color=gray, marker="o", ms=3)]
+    if several:
+        episode_keys.append(Patch(color=gray, alpha=0.3, lw=0, label="band: from the lowest to the highest seed"))
+
+    fig, legend = figure(11, episode_keys, 2)
+    axes = fig.subplots(1, 2)
     for ax, key, name in zip(axes, ["eval/scores", "eval/gold_scores"], ["proxy RM score", "gold RM score"]):
-        curves(ax, key)
+        over_episodes(ax, key)
         ax.set(xlabel="episodes (sampled responses)", ylabel=name, title=f"{name} on the evaluation prompts")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    legend()
     fig.savefig(os.path.join(folder, "scores.png"), dpi=110)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    def over_sqrt_kl(ax, key):
+        """Each seed's path (thin, faint, a dot per evaluation) and per run the mean where each seed first reaches d."""
+        for label, run in runs.items():
+            evals = [s["evals"] for s in run["seeds"]]
+            if not all(key in e for ev in evals for e in ev):
+                continue
+            paths = [([math.sqrt(max(e["eval/kl"], 0.0)) for e in ev], [e[key] for e in ev]) for ev in evals]
+            for xs, ys in paths:
+                ax.plot(xs, ys, "-o", lw=0.7, ms=2, alpha=0.3 if len(paths) > 1 else 1.0, color=color[label])
+            if len(paths) > 1:
+                ax.plot(*mean_first_reach(paths), "-", lw=2, color=color[label])
+
+    bon = summary.get("best_of_n")
+    gold = any("eval/gold_scores" in run["start"] for run in runs.values())
+    drawn_fits = [
+        label
+        for label, run in runs.items()
+        if run["gao_fit"] and (run["gao_fit"]["r2"] or 0.0) >= MIN_R2_TO_DRAW and "eval/gold_scores" in run["start"]
+    ]
+    pooled = summary.get("pooled_fit")
+    pooled = pooled if pooled and pooled["r2"] is not None and gold else None
+    pooled_range = fit_d_range(runs.values())
+    if several:
+        kl_keys = [
+            entry("thick line: mean over seeds of the score where each seed's thin line first reaches d,\n"
+                "up to the smallest of its seeds' largest d", color=gray, lw=2),
+            entry("thin line: one seed, a dot per evaluation, in order of episodes", color=gray, lw=0.7, marker="o",
+                ms=2, alpha=0.5),
+        ]  # fmt: skip
+    else:
+        kl_keys = [entry("line: the one seed, a dot per evaluation", color=gray, lw=0.7, marker="o", ms=2)]
+    if bon:
+        kl_keys.append(entry("best-of-n from the SFT policy, at KL_bon (an upper bound on its KL)", color="k", ls="--",
+                           marker="s", ms=3))  # fmt: skip
+    if drawn_fits:
+        kl_keys.append(entry(f"dotted (gold): fit d (a - b log d) of a run with R^2 >= {MIN_R2_TO_DRAW}, over the d "
+                           "its points cover", color=gray, ls=":"))  # fmt: skip
+    if pooled:
+        peak, (lo, hi) = peak_in_data(pooled, pooled_range), pooled_range
+        where = f"peak at d = {peak[0]:.2f}" if peak else f"no peak within the d seen, {lo:.2f} to {hi:.2f}"
+        kl_keys.append(entry(f"dotted (gold): fit over all runs' points (R^2 {pooled['r2']:.2f}, {where})", color="k",
+                           ls=":", lw=2))  # fmt: skip
+
+    fig, legend = figure(11, kl_keys, 2)
+    axes = fig.subplots(1, 2)
     for ax, key, name in zip(axes, ["eval/scores", "eval/gold_scores"], ["proxy RM score", "gold RM score"]):
-        curves(ax, key, "eval/kl", sqrt_x=True)
-        bon = summary.get("best_of_n")
+        over_sqrt_kl(ax, key)
         if bon:
             bon_key = {"eval/scores": "scores", "eval/gold_scores": "gold_scores"}[key]
-            ax.plot(
-                [math.sqrt(r["kl"]) for r in bon],
-                [r[bon_key] for r in bon],
-                "k--s",
-                ms=3,
-                label="best-of-n (SFT), at KL_bon",
-            )
+            ax.plot([math.sqrt(r["kl"]) for r in bon], [r[bon_key] for r in bon], "k--s", ms=3)
         if key == "eval/gold_scores":  # the Gao et al. fits that describe their data, over the d each run saw
-            for i, run in enumerate(runs.values()):
-                fit = run["gao_fit"]
-                if fit and fit["r2"] is not None and fit["r2"] >= MIN_R2_TO_DRAW and "eval/gold_scores" in run["start"]:
-                    lo, hi = fit_d_range([run])  # over the d its points cover
-                    ds = [lo + (hi - lo) * j / 50 for j in range(51)]
-                    ax.plot(
-                        ds,
-                        [run["start"]["eval/gold_scores"] + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds],
-                        ":",
-                        color=colors[i % len(colors)],
-                    )
-            ax.plot(
-                [],
-                [],
-                ":",
-                color="gray",
-                label=f"fit d (a - b log d) of each run with R^2 >= {MIN_R2_TO_DRAW}, over the d its points cover",
-            )
-            fit, start = summary["pooled_fit"], next(iter(runs.values()))["start"]
-            if fit and fit["r2"] is not None:  # drawn whatever its R^2 (shown): it is the sweep's headline
-                lo, hi = fit_d_range(runs.values())
+            for label in drawn_fits:
+                fit, start = runs[label]["gao_fit"], runs[label]["start"]["eval/gold_scores"]
+                lo, hi = fit_d_range([runs[label]])
+                ds = [lo + (hi - lo) * j / 50 for j in range(51)]
+                ax.plot(ds, [start + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds], ":", color=color[label])
+            if pooled:  # drawn whatever its R^2 (shown): it is the sweep's headline
+                start = next(iter(runs.values()))["start"]["eval/gold_scores"]
+                lo, hi = pooled_range
                 ds = [lo + (hi - lo) * j / 100 for j in range(101)]
-                within = peak_in_data(fit, fit_d_range(runs.values()))  # a peak outside the data is none
-                peak = f", peak at d = {within[0]:.1f}" if within else ""
-                ax.plot(
-                    ds,
-                    [start["eval/gold_scores"] + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds],
-                    "k:",
-                    lw=2,
-                    label=f"fit over all runs (R^2 {fit['r2']:.2f}{peak})",
-                )
-            ax.legend(fontsize=6)
+                ax.plot(ds, [start + d * (pooled["a"] - pooled["b"] * math.log(d)) for d in ds], "k:", lw=2)
         ax.set(xlabel="sqrt(KL(pi || pi_ref)) (nats^0.5)", ylabel=name, title=f"{name} against sqrt(KL)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    legend()
     fig.savefig(os.path.join(folder, "kl.png"), dpi=110)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    curves(ax, "eval/entropy")
+    fig, legend = figure(7, episode_keys, 1)
+    ax = fig.subplots()
+    over_episodes(ax, "eval/entropy")
     ax.set(xlabel="episodes (sampled responses)", ylabel="entropy per token (nats)", title="policy entropy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend()
     fig.savefig(os.path.join(folder, "entropy.png"), dpi=110)
     plt.close("all")
 

@@ -375,3 +375,76 @@ def test_a_fits_peak_is_reported_only_within_the_data():
     pooled = compare.gao_table({"runs": {"beyond": beyond}, "pooled_fit": beyond["gao_fit"]})
     assert "| all runs pooled | 1.300 | 0.600 | beyond largest d | - | 0.10 | 0.34 | 1.00 | 4 |" in pooled
     assert compare.gao_table({"runs": {"few": {"gao_fit": None}}, "pooled_fit": None}) == []
+
+
+def test_mean_against_sqrt_kl_is_taken_where_each_seed_first_reaches_d():
+    """kl.png's mean line: each seed's score where its path first reaches d, averaged at equal d, over the d that
+    every seed reaches, so it cannot fold back the way the mean of x and of y at equal evaluations does."""
+    back = ([0.0, 2.0, 1.0, 3.0], [0.0, 2.0, 5.0, 3.0])  # goes back in d after its second evaluation
+    assert compare.first_reach(*back, 1.0) == pytest.approx(1.0)  # on the way out, not 5.0 on the way back
+    assert compare.first_reach(*back, 2.5) == pytest.approx(3.5)  # between (1, 5) and (3, 3)
+    assert compare.first_reach(*back, 3.5) is None and compare.first_reach([1.0, 2.0], [0.0, 1.0], 0.5) is None
+    straight = ([0.0, 1.0, 2.0], [0.0, 1.0, 2.0])
+    grid, means = compare.mean_first_reach([back, straight], points=5)
+    assert grid == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])  # up to the smaller of the seeds' largest d
+    assert means == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])
+    assert grid == sorted(grid)  # in d, never backwards
+    assert compare.mean_first_reach([back, ([0.0, 0.0], [0.0, 1.0])]) == ([], [])  # a seed that never moves
+
+
+def legend_texts(monkeypatch, summary, tmp_path):
+    """Every legend entry of each figure plot() saves, by file name."""
+    import matplotlib.figure
+
+    texts, save = {}, matplotlib.figure.Figure.savefig
+
+    def record(fig, path, **kwargs):
+        texts[os.path.basename(path)] = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+        save(fig, path, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    compare.plot(summary, str(tmp_path))
+    return texts
+
+
+def synthetic_summary(ds_per_seed, pooled=True):
+    """Two runs on the Gao curve (run_on_curve), best-of-n, and a pooled fit over both runs' points."""
+    runs = {"x.py": run_on_curve(ds_per_seed), "y.py": run_on_curve([[d * 1.1 for d in ds] for ds in ds_per_seed])}
+    evals = [e for r in runs.values() for s in r["seeds"] for e in s["evals"][1:]]
+    points = [(math.sqrt(e["eval/kl"]), e["eval/gold_scores"]) for e in evals]
+    bon = [{"n": n, "kl": compare.kl_bon(n), "scores": 1.0, "gold_scores": 1.0} for n in (1, 2, 4)]
+    pooled_fit = compare.fit_gao(points) if pooled else None
+    return {"seeds": list(range(1, len(ds_per_seed) + 1)), "runs": runs, "pooled_fit": pooled_fit, "best_of_n": bon}
+
+
+def test_every_figure_says_what_its_lines_bands_and_dots_are(monkeypatch, tmp_path):
+    seeds = [[0.5, 1.0, 1.5], [0.6, 1.2, 0.9, 1.8], [0.4, 1.6]]  # d to 1.98 at most: the curve's peak, 3.21, is beyond
+    texts = legend_texts(monkeypatch, synthetic_summary(seeds), tmp_path)
+    assert set(texts) == {"scores.png", "kl.png", "entropy.png"}
+    for png in ["scores.png", "entropy.png"]:
+        assert {"x.py", "y.py"} <= set(texts[png])
+        assert "line: mean over the 3 seeds, a dot per evaluation" in texts[png]
+        assert "band: from the lowest to the highest seed" in texts[png]
+    kl = "\n".join(texts["kl.png"])
+    assert "thin line: one seed, a dot per evaluation" in kl and "thick line: mean over seeds" in kl
+    assert "first reaches d" in kl and "best-of-n" in kl and "fit d (a - b log d)" in kl
+    assert "fit over all runs' points (R^2 1.00, no peak within the d seen, 0.40 to 1.98)" in kl and "3.21" not in kl
+    seeds = [[0.5, 2.0, 4.0], [1.0, 3.0, 5.0], [0.8, 4.5]]
+    kl = "\n".join(legend_texts(monkeypatch, synthetic_summary(seeds), tmp_path)["kl.png"])
+    assert "peak at d = 3.21" in kl
+    # one seed: no band and no mean to explain, only the seed's own line
+    texts = legend_texts(monkeypatch, synthetic_summary([[0.5, 1.0, 1.5, 2.0]], pooled=False), tmp_path)
+    assert "line: the one seed, a dot per evaluation" in texts["scores.png"]
+    assert not any("band" in t or "mean" in t for t in texts["scores.png"] + texts["kl.png"])
+
+
+@pytest.mark.parametrize(
+    "folder", sorted(p.name for p in (REPO / "results").iterdir() if (p / "summary.json").exists())
+)
+def test_every_committed_table_is_what_replot_writes_from_its_summary(tmp_path, folder):
+    """A committed results/ table.md is the report of its summary.json with this compare.py: a change to the table
+    code must come with `--replot` of every results folder (the runs themselves are not committed)."""
+    (tmp_path / "summary.json").write_bytes((REPO / "results" / folder / "summary.json").read_bytes())
+    compare.replot(str(tmp_path), plots=False)
+    assert (tmp_path / "table.md").read_text() == (REPO / "results" / folder / "table.md").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["summary.json", "table.md"]
