@@ -11,9 +11,13 @@ its own. The report folder (--output-dir) then holds:
 - table.md: per run, the mean and half-range over seeds of the final evaluation (proxy score, gold score,
   KL, entropy, response length), wall time, episodes per second and peak memory; for each --gold-thresholds
   value, the episode at which each seed's evaluation first reaches it and the KL there; the Gao et al. (2022) fit
-  of gold score against d = sqrt(KL); the best-of-n baseline;
-- scores.png (proxy and gold score against episodes), kl.png (both against sqrt(KL), with best-of-n and the
-  fits), entropy.png (entropy against episodes), summary.json (every number the table and plots use);
+  of gold score against d = sqrt(KL), its peak given only where it lies within the d the data cover; the
+  best-of-n baseline;
+- scores.png (proxy and gold score against episodes) and entropy.png (entropy against episodes): per run the mean
+  over seeds, a dot per evaluation, shaded from the lowest to the highest seed; kl.png (both scores against
+  sqrt(KL)): each seed's own path through its evaluations (thin), per run the mean over seeds of the score where
+  each seed's path first reaches d (thick, over the d all its seeds reach), best-of-n and the fits; each figure's
+  legend says so; summary.json (every number the table and plots use);
 - runs/<run>__<seed>/: each run's own folder (args.json, metrics.jsonl, samples.jsonl, runner.json).
 
 Best-of-n baseline: n responses per evaluation prompt from the SFT policy, keep the one the proxy RM scores
@@ -25,7 +29,13 @@ Usage (the README's "Results" lists every command behind its tables; times are o
   python benchmarks/compare.py --output-dir results/head_to_head                # 3 scripts x 3 seeds, ~17 min
   python benchmarks/compare.py --runs rloo_rlhf.py --kl-coefs 0 0.01 0.03 0.05 0.1 \
       --extra="--eval-every 1024" --output-dir results/kl_sweep                 # over-optimisation, ~11 min
+  python benchmarks/compare.py --replot results/head_to_head                    # redraw a report, no runs, seconds
 Plots need matplotlib: python -m pip install -r requirements-plots.txt (or pass --no-plots).
+
+--replot FOLDER rewrites FOLDER's table.md and PNGs from its summary.json alone with this version of the table and
+the plots (write_report, as at the end of a comparison); it loads and runs nothing and leaves summary.json as it is,
+so a change to how results are shown reaches every committed results/ folder without their runs (which are not
+committed). A section whose numbers an older summary.json lacks (thresholds, the sqrt(KL) law) is left out.
 """
 
 import importlib.util
@@ -73,6 +83,9 @@ class Args:
     """runs at a time (each with one thread)"""
     plots: bool = True
     """draw the PNGs (needs matplotlib)"""
+    replot: str = ""
+    """redraw the report folder given here (table.md and the PNGs) from its summary.json alone, running nothing
+    (takes no other flag but --no-plots)"""
 
 
 def fail(message):
@@ -278,6 +291,23 @@ def fit_gao(points):
     }
 
 
+def fit_d_range(runs):
+    """The smallest and largest d = sqrt(KL) among the points fit_gao is given for these runs (every evaluation after
+    the start, d > 0), from the summary's evaluations; None if there are none."""
+    ds = [math.sqrt(max(e["eval/kl"], 0.0)) for run in runs for s in run["seeds"] for e in s["evals"][1:]]
+    ds = [d for d in ds if d > 0]
+    return (min(ds), max(ds)) if ds else None
+
+
+def peak_in_data(fit, d_range):
+    """The fit's peak d* and its gain there, (d*, b d*), when d* lies within the d its points cover (d_range, from
+    fit_d_range); None otherwise. A peak outside them is the fit's extrapolation (beyond the largest d) or its
+    interpolation between the start and the first evaluation (below the smallest), not a finding: not reported."""
+    if fit and fit["peak_d"] and d_range and d_range[0] <= fit["peak_d"] <= d_range[1]:
+        return fit["peak_d"], fit["peak_gain"]
+    return None
+
+
 def fit_sqrt_kl_law(points, min_r2=0.9):
     """Bai et al. (2022, sec. 4.3): over training the RM score grows about linearly in d = sqrt(KL). Least squares of
     the gain R = slope x d (through the start) over (d, R) points: slope and R^2 over all of them, and the widest
@@ -479,34 +509,8 @@ def write_table(summary, path):
         f"episodes-to-reach column uses {label0}'s final mean proxy score and largest final KL.",
         "",
     ]
-    lines += threshold_table(summary) if summary["gold_thresholds"] else []
-    if any(run["gao_fit"] for run in runs.values()):
-        lines += [
-            "Gao et al. fit of the gold score gain over the start, R(d) = d (a - b log d), d = sqrt(KL), "
-            "over every evaluation of every seed:",
-            "",
-            "| run | a | b | peak at d | peak gain | largest d seen | R^2 | points |",
-            "|" + " --- |" * 8,
-        ]
-        fits = [(label, run["gao_fit"]) for label, run in runs.items()]
-        if summary["pooled_fit"]:
-            fits.append(("all runs pooled", summary["pooled_fit"]))
-        for label, fit in fits:
-            if fit is None:
-                lines.append(f"| {label} | - | - | - | - | - | - | too few |")
-                continue
-            peak = f"{fit['peak_d']:.2f}" if fit["peak_d"] else "none in sight"
-            gain = f"{fit['peak_gain']:.2f}" if fit["peak_gain"] else "-"
-            r2 = "-" if fit["r2"] is None else f"{fit['r2']:.2f}"
-            lines.append(
-                f"| {label} | {fit['a']:.3f} | {fit['b']:.3f} | {peak} | {gain} | {fit['max_d']:.2f} "
-                f"| {r2} | {fit['points']} |"
-            )
-        lines += [
-            "",
-            f"A peak beyond the largest d seen is an extrapolation; kl.png draws fits with R^2 >= {MIN_R2_TO_DRAW}.",
-            "",
-        ]
+    lines += threshold_table(summary) if summary.get("gold_thresholds") else []  # not in reports made before it
+    lines += gao_table(summary)
     lines += sqrt_kl_law_table(summary)
     lines += variety_table(summary)
     if summary.get("best_of_n"):
@@ -565,7 +569,9 @@ def variety_table(summary):
 
 
 def sqrt_kl_law_table(summary):
-    """Per run, the fit of fit_sqrt_kl_law for the proxy and the gold score."""
+    """Per run, the fit of fit_sqrt_kl_law for the proxy and the gold score (none in reports made before it)."""
+    if not any("sqrt_kl_law" in run for run in summary["runs"].values()):
+        return []
     cell = lambda x, f: "-" if x is None else f.format(x)  # noqa: E731
     lines = [
         "Bai et al. (2022) sqrt(KL) law: score gain over the start = slope x sqrt(KL), least squares over every "
@@ -586,6 +592,51 @@ def sqrt_kl_law_table(summary):
                 f"| {fit['points']} |"
             )
     return lines + [""]
+
+
+def gao_table(summary):
+    """Per run (and pooled, in a sweep) the Gao et al. fit of fit_gao, with the range of d its points cover; its peak
+    only where it lies within that range (peak_in_data)."""
+    runs = summary["runs"]
+    if not any(run["gao_fit"] for run in runs.values()):
+        return []
+    lines = [
+        "Gao et al. fit of the gold score gain over the start, R(d) = d (a - b log d), d = sqrt(KL), "
+        "over every evaluation of every seed:",
+        "",
+        "| run | a | b | peak at d | peak gain | smallest d seen | largest d seen | R^2 | points |",
+        "|" + " --- |" * 9,
+    ]
+    fits = [(label, run["gao_fit"], fit_d_range([run])) for label, run in runs.items()]
+    if summary["pooled_fit"]:
+        fits.append(("all runs pooled", summary["pooled_fit"], fit_d_range(runs.values())))
+    for label, fit, d_range in fits:
+        if fit is None:
+            lines.append(f"| {label} | - | - | - | - | - | - | - | too few |")
+            continue
+        within = peak_in_data(fit, d_range)
+        if within:
+            peak, gain = f"{within[0]:.2f}", f"{within[1]:.2f}"
+        elif fit["b"] <= 0:
+            peak, gain = "none", "-"
+        else:
+            peak, gain = "below smallest d" if fit["peak_d"] and fit["peak_d"] < d_range[0] else "beyond largest d", "-"
+        r2 = "-" if fit["r2"] is None else f"{fit['r2']:.2f}"
+        lines.append(
+            f"| {label} | {fit['a']:.3f} | {fit['b']:.3f} | {peak} | {gain} | {d_range[0]:.2f} | {fit['max_d']:.2f} "
+            f"| {r2} | {fit['points']} |"
+        )
+    lines += [
+        "",
+        "Peak at d: where the fit is highest, d* = exp(a / b - 1), given only when it lies within the d its points "
+        "cover (from the smallest to the largest d seen after the start), with the gain there (b d*). 'beyond "
+        "largest d': the fit still rises at the largest d seen and would turn over only beyond the data, an "
+        "extrapolation. 'below smallest d': its maximum falls between the start (d = 0) and the first point, where "
+        "no evaluation was made. Neither is a finding. 'none': the fit has no maximum (b <= 0). kl.png draws the "
+        f"runs' fits with R^2 >= {MIN_R2_TO_DRAW} (and a sweep's pooled fit) over the d their points cover.",
+        "",
+    ]
+    return lines
 
 
 def threshold_table(summary):
@@ -615,106 +666,198 @@ def threshold_table(summary):
     return lines + [""]
 
 
+def first_reach(xs, ys, x):
+    """y where the path through the points (xs, ys), in their order, first reaches x from below, interpolated linearly
+    between the two points around it; None if it starts beyond x or never gets there."""
+    if not xs or xs[0] > x:
+        return None
+    if xs[0] == x:
+        return ys[0]
+    for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:]):
+        if x0 <= x <= x1:
+            return y0 + (x - x0) / (x1 - x0) * (y1 - y0) if x1 > x0 else y0
+    return None
+
+
+def mean_first_reach(paths, points=100):
+    """The mean over seeds of each seed's y where it first reaches x (first_reach), on a grid of x over the range every
+    seed covers: from the largest of their first x to the smallest of their largest x. paths: one (xs, ys) per seed.
+    A seed's path can go back in x (KL falls as well as rises), so the mean at equal evaluations, drawn against the
+    mean x, can fold back on itself; this one cannot. Returns (grid, means), empty when the range is a point."""
+    lo, hi = max(xs[0] for xs, _ in paths), min(max(xs) for xs, _ in paths)
+    if hi <= lo:
+        return [], []
+    grid = [lo + (hi - lo) * k / (points - 1) for k in range(points - 1)] + [hi]  # hi exactly: every seed gets there
+    return grid, [sum(first_reach(xs, ys, x) for xs, ys in paths) / len(paths) for x in grid]
+
+
 def plot(summary, folder):
-    """scores.png, kl.png and entropy.png: per run the mean over seeds, shaded from the lowest to the highest."""
+    """scores.png, kl.png and entropy.png; each says in its legend what its lines, bands, dots and fits are.
+
+    Against episodes (scores, entropy): per run the mean over seeds at each evaluation (a dot each), shaded from the
+    lowest to the highest seed. Against sqrt(KL) (kl.png): each seed's own path through its evaluations, thin and
+    faint, and per run the mean over seeds where each first reaches d (mean_first_reach); best-of-n; Gao et al. fits.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     runs = summary["runs"]
     colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors  # one colour per run, up to 20 runs
+    color = {label: colors[i % len(colors)] for i, label in enumerate(runs)}
+    seeds = len(summary["seeds"])
+    several = all(len(run["seeds"]) > 1 for run in runs.values())
+    gray = "0.45"
 
-    def curves(ax, key, x_key="episode", sqrt_x=False):
-        for i, (label, run) in enumerate(runs.items()):
+    def figure(width, keys, ncol):
+        """A figure whose legend, under its panels, names the runs by colour and then says what is drawn (keys)."""
+        rows = len(runs) + len(keys) if ncol == 1 else max(len(runs), len(keys))
+        fig = plt.figure(figsize=(width, 3.8 + 0.17 * rows + 0.2), layout="constrained")
+        handles = [Line2D([], [], color=color[label], lw=2, label=label) for label in runs]
+        blank = Line2D([], [], linestyle="none", label=" ")
+        if ncol == 2:  # runs in the left column, what is drawn in the right
+            handles += [blank] * (rows - len(runs))
+            keys = keys + [blank] * (rows - len(keys))
+        return fig, lambda: fig.legend(handles=handles + keys, loc="outside lower center", ncol=ncol, fontsize=7)
+
+    def over_episodes(ax, key):
+        """Per run the mean over seeds at each evaluation (dots), shaded from the lowest to the highest seed."""
+        for label, run in runs.items():
             evals = [s["evals"] for s in run["seeds"]]
             if not all(key in e for ev in evals for e in ev):
                 continue
             n = min(len(ev) for ev in evals)
-            xs = [[math.sqrt(max(ev[j][x_key], 0.0)) if sqrt_x else ev[j][x_key] for j in range(n)] for ev in evals]
+            xs = [evals[0][j]["episode"] for j in range(n)]  # every seed evaluates at the same episodes
             ys = [[ev[j][key] for j in range(n)] for ev in evals]
-            mean = lambda rows, j: sum(row[j] for row in rows) / len(rows)
-            ax.plot(
-                [mean(xs, j) for j in range(n)],
-                [mean(ys, j) for j in range(n)],
-                "-o",
-                ms=3,
-                color=colors[i % len(colors)],
-                label=label,
-            )
-            if sqrt_x:  # each seed's points, since seeds reach different KLs
-                for x, y in zip(xs, ys):
-                    ax.plot(x, y, ".", ms=3, alpha=0.35, color=colors[i % len(colors)])
-            else:
+            ax.plot(xs, [sum(row[j] for row in ys) / len(ys) for j in range(n)], "-o", ms=3, color=color[label])
+            if len(ys) > 1:
+                columns = list(zip(*ys))  # the seeds' values at each evaluation
                 ax.fill_between(
-                    xs[0],
-                    [min(row[j] for row in ys) for j in range(n)],
-                    [max(row[j] for row in ys) for j in range(n)],
-                    alpha=0.2,
-                    color=colors[i % len(colors)],
+                    xs, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2, lw=0, color=color[label]
                 )
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    entry = lambda label, **style: Line2D([], [], label=label, **style)  # noqa: E731 (a legend entry, nothing drawn)
+    line = (
+        f"line: mean over the {seeds} seeds, a dot per evaluation"
+        if several
+        else "line: the one seed, a dot per evaluation"
+    )
+    episode_keys = [entry(line, color=gray, marker="o", ms=3)]
+    if several:
+        episode_keys.append(Patch(color=gray, alpha=0.3, lw=0, label="band: from the lowest to the highest seed"))
+
+    fig, legend = figure(11, episode_keys, 2)
+    axes = fig.subplots(1, 2)
     for ax, key, name in zip(axes, ["eval/scores", "eval/gold_scores"], ["proxy RM score", "gold RM score"]):
-        curves(ax, key)
+        over_episodes(ax, key)
         ax.set(xlabel="episodes (sampled responses)", ylabel=name, title=f"{name} on the evaluation prompts")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    legend()
     fig.savefig(os.path.join(folder, "scores.png"), dpi=110)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    def over_sqrt_kl(ax, key):
+        """Each seed's path (thin, faint, a dot per evaluation) and per run the mean where each seed first reaches d."""
+        for label, run in runs.items():
+            evals = [s["evals"] for s in run["seeds"]]
+            if not all(key in e for ev in evals for e in ev):
+                continue
+            paths = [([math.sqrt(max(e["eval/kl"], 0.0)) for e in ev], [e[key] for e in ev]) for ev in evals]
+            for xs, ys in paths:
+                ax.plot(xs, ys, "-o", lw=0.7, ms=2, alpha=0.3 if len(paths) > 1 else 1.0, color=color[label])
+            if len(paths) > 1:
+                ax.plot(*mean_first_reach(paths), "-", lw=2, color=color[label])
+
+    bon = summary.get("best_of_n")
+    gold = any("eval/gold_scores" in run["start"] for run in runs.values())
+    drawn_fits = [
+        label
+        for label, run in runs.items()
+        if run["gao_fit"] and (run["gao_fit"]["r2"] or 0.0) >= MIN_R2_TO_DRAW and "eval/gold_scores" in run["start"]
+    ]
+    pooled = summary.get("pooled_fit")
+    pooled = pooled if pooled and pooled["r2"] is not None and gold else None
+    pooled_range = fit_d_range(runs.values())
+    if several:
+        kl_keys = [
+            entry("thick line: mean over seeds of the score where each seed's thin line first reaches d,\n"
+                "up to the smallest of its seeds' largest d", color=gray, lw=2),
+            entry("thin line: one seed, a dot per evaluation, in order of episodes", color=gray, lw=0.7, marker="o",
+                ms=2, alpha=0.5),
+        ]  # fmt: skip
+    else:
+        kl_keys = [entry("line: the one seed, a dot per evaluation", color=gray, lw=0.7, marker="o", ms=2)]
+    if bon:
+        kl_keys.append(entry("best-of-n from the SFT policy, at KL_bon (an upper bound on its KL)", color="k", ls="--",
+                           marker="s", ms=3))  # fmt: skip
+    if drawn_fits:
+        kl_keys.append(entry(f"dotted (gold): fit d (a - b log d) of a run with R^2 >= {MIN_R2_TO_DRAW}, over the d "
+                           "its points cover", color=gray, ls=":"))  # fmt: skip
+    if pooled:
+        peak, (lo, hi) = peak_in_data(pooled, pooled_range), pooled_range
+        where = f"peak at d = {peak[0]:.2f}" if peak else f"no peak within the d seen, {lo:.2f} to {hi:.2f}"
+        kl_keys.append(entry(f"dotted (gold): fit over all runs' points (R^2 {pooled['r2']:.2f}, {where})", color="k",
+                           ls=":", lw=2))  # fmt: skip
+
+    fig, legend = figure(11, kl_keys, 2)
+    axes = fig.subplots(1, 2)
     for ax, key, name in zip(axes, ["eval/scores", "eval/gold_scores"], ["proxy RM score", "gold RM score"]):
-        curves(ax, key, "eval/kl", sqrt_x=True)
-        bon = summary.get("best_of_n")
+        over_sqrt_kl(ax, key)
         if bon:
             bon_key = {"eval/scores": "scores", "eval/gold_scores": "gold_scores"}[key]
-            ax.plot(
-                [math.sqrt(r["kl"]) for r in bon],
-                [r[bon_key] for r in bon],
-                "k--s",
-                ms=3,
-                label="best-of-n (SFT), at KL_bon",
-            )
+            ax.plot([math.sqrt(r["kl"]) for r in bon], [r[bon_key] for r in bon], "k--s", ms=3)
         if key == "eval/gold_scores":  # the Gao et al. fits that describe their data, over the d each run saw
-            for i, run in enumerate(runs.values()):
-                fit = run["gao_fit"]
-                if fit and fit["r2"] is not None and fit["r2"] >= MIN_R2_TO_DRAW and "eval/gold_scores" in run["start"]:
-                    ds = [fit["max_d"] * j / 50 for j in range(1, 51)]
-                    ax.plot(
-                        ds,
-                        [run["start"]["eval/gold_scores"] + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds],
-                        ":",
-                        color=colors[i % len(colors)],
-                    )
-            ax.plot([], [], ":", color="gray", label=f"fit d (a - b log d) of each run with R^2 >= {MIN_R2_TO_DRAW}")
-            fit, start = summary["pooled_fit"], next(iter(runs.values()))["start"]
-            if fit and fit["r2"] is not None:  # drawn whatever its R^2 (shown): it is the sweep's headline
-                ds = [fit["max_d"] * j / 100 for j in range(1, 101)]
-                peak = f", peak at d = {fit['peak_d']:.1f}" if fit["peak_d"] else ""
-                ax.plot(
-                    ds,
-                    [start["eval/gold_scores"] + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds],
-                    "k:",
-                    lw=2,
-                    label=f"fit over all runs (R^2 {fit['r2']:.2f}{peak})",
-                )
-            ax.legend(fontsize=6)
+            for label in drawn_fits:
+                fit, start = runs[label]["gao_fit"], runs[label]["start"]["eval/gold_scores"]
+                lo, hi = fit_d_range([runs[label]])
+                ds = [lo + (hi - lo) * j / 50 for j in range(51)]
+                ax.plot(ds, [start + d * (fit["a"] - fit["b"] * math.log(d)) for d in ds], ":", color=color[label])
+            if pooled:  # drawn whatever its R^2 (shown): it is the sweep's headline
+                start = next(iter(runs.values()))["start"]["eval/gold_scores"]
+                lo, hi = pooled_range
+                ds = [lo + (hi - lo) * j / 100 for j in range(101)]
+                ax.plot(ds, [start + d * (pooled["a"] - pooled["b"] * math.log(d)) for d in ds], "k:", lw=2)
         ax.set(xlabel="sqrt(KL(pi || pi_ref)) (nats^0.5)", ylabel=name, title=f"{name} against sqrt(KL)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    legend()
     fig.savefig(os.path.join(folder, "kl.png"), dpi=110)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    curves(ax, "eval/entropy")
+    fig, legend = figure(7, episode_keys, 1)
+    ax = fig.subplots()
+    over_episodes(ax, "eval/entropy")
     ax.set(xlabel="episodes (sampled responses)", ylabel="entropy per token (nats)", title="policy entropy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend()
     fig.savefig(os.path.join(folder, "entropy.png"), dpi=110)
     plt.close("all")
 
 
+def write_report(summary, folder, plots=True):
+    """table.md and, with plots, the PNGs of a report folder, from its summary alone."""
+    write_table(summary, os.path.join(folder, "table.md"))
+    if plots:
+        plot(summary, folder)
+
+
+def replot(folder, plots=True):
+    """Rewrite folder's table.md and PNGs from its summary.json with this version of the table and the plots; no run
+    is loaded or repeated and summary.json is left as it is."""
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+    write_report(summary, folder, plots)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.replot:
+        if args != Args(replot=args.replot, plots=args.plots):
+            fail("--replot redraws a finished report from its summary.json: it takes no other flag but --no-plots")
+        if not os.path.isfile(os.path.join(args.replot, "summary.json")):
+            fail(f"--replot: {args.replot} has no summary.json (a report folder written by this script)")
+        if args.plots and importlib.util.find_spec("matplotlib") is None:
+            fail("plots need matplotlib: python -m pip install -r requirements-plots.txt (or pass --no-plots)")
+        replot(args.replot, args.plots)
+        print(f"rewrote {args.replot}/table.md" + (" and its plots" if args.plots else ""))
+        raise SystemExit(0)
     check_args(args)
     if args.best_of_n:
         best_of_n_args(args, args.seeds[0])  # a flag it cannot read fails now, not after the runs
@@ -732,8 +875,6 @@ if __name__ == "__main__":
     summary = summarise(args, labels)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    write_table(summary, os.path.join(args.output_dir, "table.md"))
-    if args.plots:
-        plot(summary, args.output_dir)
+    write_report(summary, args.output_dir, args.plots)
     with open(os.path.join(args.output_dir, "table.md")) as f:
         print(f.read())

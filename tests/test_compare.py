@@ -307,3 +307,144 @@ def test_sqrt_kl_law_fit_finds_the_slope_and_where_the_line_stops_holding():
     assert fit["holds_to_d"] == 3.0 and fit["slope_there"] == pytest.approx(0.8) and fit["r2"] < 0.5
     assert fit["slope"] == pytest.approx(sum(d * r for d, r in bent) / sum(d * d for d, _ in bent))
     assert compare.fit_sqrt_kl_law(line[:3]) is None  # too few points
+
+
+def test_replot_redraws_a_report_from_its_summary_alone(tmp_path):
+    """--replot rewrites table.md and the PNGs from summary.json (no run folders: the committed results have none);
+    with nothing changed in the code, the table is the one the comparison wrote, and summary.json is left alone."""
+    committed = REPO / "results" / "head_to_head"
+    folder = tmp_path / "head_to_head"
+    folder.mkdir()
+    (folder / "summary.json").write_bytes((committed / "summary.json").read_bytes())
+    result = run_compare("--replot", str(folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(folder)) == ["entropy.png", "kl.png", "scores.png", "summary.json", "table.md"]
+    for png in ["scores.png", "kl.png", "entropy.png"]:
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "table.md").read_text() == (committed / "table.md").read_text()
+    assert (folder / "summary.json").read_bytes() == (committed / "summary.json").read_bytes()
+    # only a report folder, and no flag that would make or change runs
+    assert "no summary.json" in run_compare("--replot", str(tmp_path)).stderr
+    refused = run_compare("--replot", str(folder), "--seeds", "1")
+    assert refused.returncode != 0 and "no other flag" in refused.stderr
+
+
+A, B = 1.3, 0.6  # a Gao curve R(d) = d (A - B log d) with its peak at d* = exp(A / B - 1) = 3.21
+
+
+def run_on_curve(ds_per_seed):
+    """A run whose seeds' gold scores lie on the curve at the given d = sqrt(KL) after a start at 0, with its fit."""
+    seeds = []
+    for seed, ds in enumerate(ds_per_seed):
+        evals = [{"episode": 0, "eval/kl": 0.0, "eval/scores": 0.0, "eval/gold_scores": 0.0, "eval/entropy": 1.5}]
+        evals += [
+            {"episode": 16 * (j + 1), "eval/kl": d * d, "eval/scores": d, "eval/gold_scores": d * (A - B * math.log(d)),
+             "eval/entropy": 1.5 - 0.1 * j}
+            for j, d in enumerate(ds)
+        ]  # fmt: skip
+        seeds.append({"seed": seed + 1, "evals": evals})
+    points = [(math.sqrt(e["eval/kl"]), e["eval/gold_scores"]) for s in seeds for e in s["evals"][1:]]
+    return {"seeds": seeds, "start": seeds[0]["evals"][0], "gao_fit": compare.fit_gao(points)}
+
+
+def test_a_fits_peak_is_reported_only_within_the_data():
+    """A Gao fit's peak d* is a finding only between the smallest and the largest d its points cover: beyond them it
+    is the fit's extrapolation, below them its guess between the start and the first evaluation."""
+    within, beyond, below = (
+        run_on_curve([ds]) for ds in ([0.5, 1.0, 2.0, 3.0, 4.0], [0.1, 0.2, 0.3, 0.34], [4, 5, 6, 7])
+    )
+    for run in (within, beyond, below):  # the same curve, so the same peak, wherever the data lie
+        assert run["gao_fit"]["peak_d"] == pytest.approx(math.exp(A / B - 1))
+    assert compare.fit_d_range([within]) == pytest.approx((0.5, 4.0))
+    assert compare.peak_in_data(within["gao_fit"], (0.5, 4.0)) == pytest.approx((3.21, 1.93), abs=5e-3)
+    assert compare.peak_in_data(beyond["gao_fit"], (0.1, 0.34)) is None
+    assert compare.peak_in_data(below["gao_fit"], (4.0, 7.0)) is None
+    rising = {
+        "seeds": within["seeds"],
+        "gao_fit": compare.fit_gao([(d, 0.8 * d + 0.1 * d * d) for d in [0.5, 1, 2, 4]]),
+    }
+    assert rising["gao_fit"]["b"] < 0  # no maximum at all
+    runs = {"within": within, "beyond": beyond, "below": below, "rising": rising, "few": {**within, "gao_fit": None}}
+    rows = compare.gao_table({"runs": runs, "pooled_fit": None})
+    assert "| within | 1.300 | 0.600 | 3.21 | 1.93 | 0.50 | 4.00 | 1.00 | 5 |" in rows
+    assert "| beyond | 1.300 | 0.600 | beyond largest d | - | 0.10 | 0.34 | 1.00 | 4 |" in rows
+    assert "| below | 1.300 | 0.600 | below smallest d | - | 4.00 | 7.00 | 1.00 | 4 |" in rows
+    assert next(row for row in rows if row.startswith("| rising |")).split(" | ")[3:5] == ["none", "-"]
+    assert "| few | - | - | - | - | - | - | - | too few |" in rows
+    assert sum("3.21" in row for row in rows) == 1  # the peak outside the data is printed nowhere
+    pooled = compare.gao_table({"runs": {"beyond": beyond}, "pooled_fit": beyond["gao_fit"]})
+    assert "| all runs pooled | 1.300 | 0.600 | beyond largest d | - | 0.10 | 0.34 | 1.00 | 4 |" in pooled
+    assert compare.gao_table({"runs": {"few": {"gao_fit": None}}, "pooled_fit": None}) == []
+
+
+def test_mean_against_sqrt_kl_is_taken_where_each_seed_first_reaches_d():
+    """kl.png's mean line: each seed's score where its path first reaches d, averaged at equal d, over the d that
+    every seed reaches, so it cannot fold back the way the mean of x and of y at equal evaluations does."""
+    back = ([0.0, 2.0, 1.0, 3.0], [0.0, 2.0, 5.0, 3.0])  # goes back in d after its second evaluation
+    assert compare.first_reach(*back, 1.0) == pytest.approx(1.0)  # on the way out, not 5.0 on the way back
+    assert compare.first_reach(*back, 2.5) == pytest.approx(3.5)  # between (1, 5) and (3, 3)
+    assert compare.first_reach(*back, 3.5) is None and compare.first_reach([1.0, 2.0], [0.0, 1.0], 0.5) is None
+    straight = ([0.0, 1.0, 2.0], [0.0, 1.0, 2.0])
+    grid, means = compare.mean_first_reach([back, straight], points=5)
+    assert grid == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])  # up to the smaller of the seeds' largest d
+    assert means == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])
+    assert grid == sorted(grid)  # in d, never backwards
+    assert compare.mean_first_reach([back, ([0.0, 0.0], [0.0, 1.0])]) == ([], [])  # a seed that never moves
+
+
+def legend_texts(monkeypatch, summary, tmp_path):
+    """Every legend entry of each figure plot() saves, by file name."""
+    import matplotlib.figure
+
+    texts, save = {}, matplotlib.figure.Figure.savefig
+
+    def record(fig, path, **kwargs):
+        texts[os.path.basename(path)] = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+        save(fig, path, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    compare.plot(summary, str(tmp_path))
+    return texts
+
+
+def synthetic_summary(ds_per_seed, pooled=True):
+    """Two runs on the Gao curve (run_on_curve), best-of-n, and a pooled fit over both runs' points."""
+    runs = {"x.py": run_on_curve(ds_per_seed), "y.py": run_on_curve([[d * 1.1 for d in ds] for ds in ds_per_seed])}
+    evals = [e for r in runs.values() for s in r["seeds"] for e in s["evals"][1:]]
+    points = [(math.sqrt(e["eval/kl"]), e["eval/gold_scores"]) for e in evals]
+    bon = [{"n": n, "kl": compare.kl_bon(n), "scores": 1.0, "gold_scores": 1.0} for n in (1, 2, 4)]
+    pooled_fit = compare.fit_gao(points) if pooled else None
+    return {"seeds": list(range(1, len(ds_per_seed) + 1)), "runs": runs, "pooled_fit": pooled_fit, "best_of_n": bon}
+
+
+def test_every_figure_says_what_its_lines_bands_and_dots_are(monkeypatch, tmp_path):
+    seeds = [[0.5, 1.0, 1.5], [0.6, 1.2, 0.9, 1.8], [0.4, 1.6]]  # d to 1.98 at most: the curve's peak, 3.21, is beyond
+    texts = legend_texts(monkeypatch, synthetic_summary(seeds), tmp_path)
+    assert set(texts) == {"scores.png", "kl.png", "entropy.png"}
+    for png in ["scores.png", "entropy.png"]:
+        assert {"x.py", "y.py"} <= set(texts[png])
+        assert "line: mean over the 3 seeds, a dot per evaluation" in texts[png]
+        assert "band: from the lowest to the highest seed" in texts[png]
+    kl = "\n".join(texts["kl.png"])
+    assert "thin line: one seed, a dot per evaluation" in kl and "thick line: mean over seeds" in kl
+    assert "first reaches d" in kl and "best-of-n" in kl and "fit d (a - b log d)" in kl
+    assert "fit over all runs' points (R^2 1.00, no peak within the d seen, 0.40 to 1.98)" in kl and "3.21" not in kl
+    seeds = [[0.5, 2.0, 4.0], [1.0, 3.0, 5.0], [0.8, 4.5]]
+    kl = "\n".join(legend_texts(monkeypatch, synthetic_summary(seeds), tmp_path)["kl.png"])
+    assert "peak at d = 3.21" in kl
+    # one seed: no band and no mean to explain, only the seed's own line
+    texts = legend_texts(monkeypatch, synthetic_summary([[0.5, 1.0, 1.5, 2.0]], pooled=False), tmp_path)
+    assert "line: the one seed, a dot per evaluation" in texts["scores.png"]
+    assert not any("band" in t or "mean" in t for t in texts["scores.png"] + texts["kl.png"])
+
+
+@pytest.mark.parametrize(
+    "folder", sorted(p.name for p in (REPO / "results").iterdir() if (p / "summary.json").exists())
+)
+def test_every_committed_table_is_what_replot_writes_from_its_summary(tmp_path, folder):
+    """A committed results/ table.md is the report of its summary.json with this compare.py: a change to the table
+    code must come with `--replot` of every results folder (the runs themselves are not committed)."""
+    (tmp_path / "summary.json").write_bytes((REPO / "results" / folder / "summary.json").read_bytes())
+    compare.replot(str(tmp_path), plots=False)
+    assert (tmp_path / "table.md").read_text() == (REPO / "results" / folder / "table.md").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["summary.json", "table.md"]
