@@ -386,6 +386,142 @@ def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=F
     return {k: v.item() for k, v in stats.items()}
 
 
+# ============ MAIN: setup, models, then the training loop (it reads as the papers' pseudocode) ============
+def main():
+    args = parse_args()
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    rank, world_size = setup_distributed(args)
+    check_args(args, ALGO_RANGES, world_size)
+    local_batch_size = args.batch_size // world_size  # each rank's share of the rollout
+    if local_batch_size % args.num_minibatches != 0:
+        fail(f"--batch-size {args.batch_size} must be divisible by --num-minibatches times the {world_size} processes")
+    minibatch_size = local_batch_size // args.num_minibatches
+    if minibatch_size % args.gradient_accumulation_steps != 0:
+        fail(f"a minibatch of {minibatch_size} per process must be divisible by --gradient-accumulation-steps")
+    micro_batch_size = minibatch_size // args.gradient_accumulation_steps
+    train_prompts = load_prompts(args.dataset, "--dataset")
+    eval_prompts = load_prompts(args.eval_dataset, "--eval-dataset", args.eval_size)
+
+    # MODELS
+    device, autocast, tokenizer, policy, ref_policy, reward_model, gold_model = load_models(args)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
+    eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
+    # The value model is a copy of the RM (backbone + scalar head), trained; it is the critic of InstructGPT.
+    value_model = load_reward_model(args.reward_model_name, "--reward-model-name", torch.float32, device).eval()
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(value_model)
+    params = list(policy.parameters()) + list(value_model.parameters())
+    # eps=1e-5 as in N+ (sec. 7, PPO setup); no weight decay, so the KL-regularised optimum stays the fixed point.
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+    # fp16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    logger = RunLogger(args, run_name, rank)
+    generator = torch.Generator(device=device).manual_seed(args.seed + 100_000 * rank)  # each rank's sampling seed
+    num_updates = args.total_episodes // args.batch_size
+    kl_coef = args.kl_coef
+    episode, next_eval, order = 0, args.eval_every, []
+    time_rollout = time_update = 0.0
+    start_time = time.time()
+    eval_models = (policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast)
+    # What a checkpoint keeps (--save-every): the trained state, and each rank's own sampling generator.
+    trained = {"policy": policy, "value_model": value_model, "optimizer": optimizer, "scaler": scaler}
+    trained |= {"ref_policy": ref_policy} if args.ref_sync_every else {}
+    if args.resume:  # the run goes on from its last checkpoint exactly as if it had never stopped
+        loop = logger.resume(trained, {"generator": generator})
+        episode, next_eval, order, kl_coef = loop["episode"], loop["next_eval"], loop["order"], loop["kl_coef"]
+        time_rollout, time_update, start_time = loop["time_rollout"], loop["time_update"], time.time() - loop["elapsed"]
+    else:
+        logger.log_eval(0, *evaluate(*eval_models))
+
+    for update in range(episode // args.batch_size + 1, num_updates + 1):
+        # Linear learning-rate decay to 0 over the run (N details, General #5).
+        lr = args.learning_rate * (1.0 - (update - 1.0) / num_updates)
+        optimizer.param_groups[0]["lr"] = lr
+
+        # ROLLOUT: a batch of prompts (reshuffled each pass over the data), one response each; [batch, time] tensors.
+        t0 = time.time()
+        batch = next_prompt_indices(order, args.batch_size, len(train_ids))[rank::world_size]  # this rank's share
+        query, query_mask = left_pad([train_ids[i] for i in batch], pad_id, device)  # [batch, prompt]
+        responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
+            policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
+        )
+        with torch.no_grad():
+            rows = (query, query_mask, responses, mask.long())
+            values = chunked(args.rollout_micro_batch_size, get_values, value_model, *rows, autocast) * mask
+        episode += args.batch_size
+        time_rollout += time.time() - t0
+
+        # REWARDS AND ADVANTAGES: per-token rewards, GAE advantages and returns, all [batch, time].
+        t0 = time.time()
+        with torch.no_grad():
+            kl_in_reward, kl_in_loss = (kl_coef, 0.0) if args.kl_in == "reward" else (0.0, kl_coef)
+            rewards = token_rewards(scores, logprobs, ref_logprobs, mask, kl_in_reward, args.kl_estimator)
+            if args.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False) * mask
+            advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
+            advantages = whiten(advantages, mask) * mask  # N details, Policy #9
+
+        # PPO UPDATE: several epochs of minibatches over this batch, one optimizer step per minibatch.
+        stats = []
+        for _epoch in range(args.num_ppo_epochs):
+            perm = torch.randperm(local_batch_size, device=device)
+            for mb_start in range(0, local_batch_size, minibatch_size):
+                # Weighting each micro-batch by its share of the minibatch's tokens (the mean over ranks of each rank's
+                # minibatch) gives one big minibatch's gradient: over micro-batches, and averaged over ranks.
+                minibatch_tokens = mean_over_ranks(mask[perm[mb_start : mb_start + minibatch_size]].sum())
+                for micro_start in range(mb_start, mb_start + minibatch_size, micro_batch_size):
+                    i = perm[micro_start : micro_start + micro_batch_size]
+                    micro_batch = (query[i], query_mask[i], responses[i], mask[i].long())
+                    new_logprobs, _ = forward_logprobs(policy, *micro_batch, args.temperature, autocast)
+                    new_values = get_values(value_model, *micro_batch, autocast)
+                    pg_loss, pg_stats = ppo_policy_loss(
+                        new_logprobs, logprobs[i], advantages[i], mask[i], args.clip_coef, args.clip_mode
+                    )
+                    vf_loss, vf_stats = ppo_value_loss(new_values, values[i], returns[i], mask[i], args.vf_clip_coef)
+                    kl_loss = token_kl_loss(new_logprobs, ref_logprobs[i], mask[i], kl_in_loss, args.kl_estimator)
+                    loss = pg_loss + args.vf_coef * vf_loss + kl_loss
+                    check_finite(loss, update)
+                    scaler.scale(loss * (mask[i].sum() / minibatch_tokens)).backward()  # exactly 1 unless accumulating
+                    stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), **pg_stats, **vf_stats})
+                average_gradients(params)
+                if args.max_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+        time_update += time.time() - t0
+
+        # LOGGING: the common keys, then the means of the update's statistics and the algorithm's own diagnostics.
+        stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        explained_var = 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+        stats["ppo/explained_variance"] = explained_var.item()
+        objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=True)
+        logger.log_train(episode, update, lr, kl_coef, objective, start_time, time_rollout, time_update, stats)
+
+        # Adaptive KL controller (Ziegler et al. 2019, eq. 2): move kl_coef so the sequence KL tracks --kl-target.
+        if args.kl_target is not None:
+            error = max(-0.2, min(0.2, objective["kl"] / args.kl_target - 1))
+            kl_coef *= 1 + error * args.batch_size / args.kl_horizon
+        if args.ref_sync_every > 0 and update % args.ref_sync_every == 0:
+            lerp_parameters(ref_policy, policy, args.ref_sync_mix)
+
+        # EVALUATION
+        if episode >= next_eval or update == num_updates:
+            next_eval += args.eval_every
+            logger.log_eval(episode, *evaluate(*eval_models))
+
+        # CHECKPOINT, when a multiple of --save-every episodes was passed in this update.
+        if args.save_every and episode % args.save_every < args.batch_size and update < num_updates:
+            loop = {"episode": episode, "next_eval": next_eval, "order": order, "kl_coef": kl_coef}
+            loop |= {"time_rollout": time_rollout, "time_update": time_update, "elapsed": time.time() - start_time}
+            logger.save_checkpoint(trained, {"generator": generator}, loop)
+
+    logger.finish(policy, tokenizer, start_time)
+
+
 # === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
 def fail(message, every_rank=False):
     """Stop with one line that names the flag and the fix (no traceback). Under torchrun every rank finds a bad flag and
@@ -915,135 +1051,4 @@ class RunLogger:
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    rank, world_size = setup_distributed(args)
-    check_args(args, ALGO_RANGES, world_size)
-    local_batch_size = args.batch_size // world_size  # each rank's share of the rollout
-    if local_batch_size % args.num_minibatches != 0:
-        fail(f"--batch-size {args.batch_size} must be divisible by --num-minibatches times the {world_size} processes")
-    minibatch_size = local_batch_size // args.num_minibatches
-    if minibatch_size % args.gradient_accumulation_steps != 0:
-        fail(f"a minibatch of {minibatch_size} per process must be divisible by --gradient-accumulation-steps")
-    micro_batch_size = minibatch_size // args.gradient_accumulation_steps
-    train_prompts = load_prompts(args.dataset, "--dataset")
-    eval_prompts = load_prompts(args.eval_dataset, "--eval-dataset", args.eval_size)
-
-    # MODELS
-    device, autocast, tokenizer, policy, ref_policy, reward_model, gold_model = load_models(args)
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
-    eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
-    # The value model is a copy of the RM (backbone + scalar head), trained; it is the critic of InstructGPT.
-    value_model = load_reward_model(args.reward_model_name, "--reward-model-name", torch.float32, device).eval()
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(policy)
-        enable_gradient_checkpointing(value_model)
-    params = list(policy.parameters()) + list(value_model.parameters())
-    # eps=1e-5 as in N+ (sec. 7, PPO setup); no weight decay, so the KL-regularised optimum stays the fixed point.
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
-    # fp16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    logger = RunLogger(args, run_name, rank)
-    generator = torch.Generator(device=device).manual_seed(args.seed + 100_000 * rank)  # each rank's sampling seed
-    num_updates = args.total_episodes // args.batch_size
-    kl_coef = args.kl_coef
-    episode, next_eval, order = 0, args.eval_every, []
-    time_rollout = time_update = 0.0
-    start_time = time.time()
-    eval_models = (policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast)
-    # What a checkpoint keeps (--save-every): the trained state, and each rank's own sampling generator.
-    trained = {"policy": policy, "value_model": value_model, "optimizer": optimizer, "scaler": scaler}
-    trained |= {"ref_policy": ref_policy} if args.ref_sync_every else {}
-    if args.resume:  # the run goes on from its last checkpoint exactly as if it had never stopped
-        loop = logger.resume(trained, {"generator": generator})
-        episode, next_eval, order, kl_coef = loop["episode"], loop["next_eval"], loop["order"], loop["kl_coef"]
-        time_rollout, time_update, start_time = loop["time_rollout"], loop["time_update"], time.time() - loop["elapsed"]
-    else:
-        logger.log_eval(0, *evaluate(*eval_models))
-
-    for update in range(episode // args.batch_size + 1, num_updates + 1):
-        # Linear learning-rate decay to 0 over the run (N details, General #5).
-        lr = args.learning_rate * (1.0 - (update - 1.0) / num_updates)
-        optimizer.param_groups[0]["lr"] = lr
-
-        # ROLLOUT: a batch of prompts (reshuffled each pass over the data), one response each; [batch, time] tensors.
-        t0 = time.time()
-        batch = next_prompt_indices(order, args.batch_size, len(train_ids))[rank::world_size]  # this rank's share
-        query, query_mask = left_pad([train_ids[i] for i in batch], pad_id, device)  # [batch, prompt]
-        responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
-            policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
-        )
-        with torch.no_grad():
-            rows = (query, query_mask, responses, mask.long())
-            values = chunked(args.rollout_micro_batch_size, get_values, value_model, *rows, autocast) * mask
-        episode += args.batch_size
-        time_rollout += time.time() - t0
-
-        # REWARDS AND ADVANTAGES: per-token rewards, GAE advantages and returns, all [batch, time].
-        t0 = time.time()
-        with torch.no_grad():
-            kl_in_reward, kl_in_loss = (kl_coef, 0.0) if args.kl_in == "reward" else (0.0, kl_coef)
-            rewards = token_rewards(scores, logprobs, ref_logprobs, mask, kl_in_reward, args.kl_estimator)
-            if args.whiten_rewards:
-                rewards = whiten(rewards, mask, shift_mean=False) * mask
-            advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
-            advantages = whiten(advantages, mask) * mask  # N details, Policy #9
-
-        # PPO UPDATE: several epochs of minibatches over this batch, one optimizer step per minibatch.
-        stats = []
-        for _epoch in range(args.num_ppo_epochs):
-            perm = torch.randperm(local_batch_size, device=device)
-            for mb_start in range(0, local_batch_size, minibatch_size):
-                # Weighting each micro-batch by its share of the minibatch's tokens (the mean over ranks of each rank's
-                # minibatch) gives one big minibatch's gradient: over micro-batches, and averaged over ranks.
-                minibatch_tokens = mean_over_ranks(mask[perm[mb_start : mb_start + minibatch_size]].sum())
-                for micro_start in range(mb_start, mb_start + minibatch_size, micro_batch_size):
-                    i = perm[micro_start : micro_start + micro_batch_size]
-                    micro_batch = (query[i], query_mask[i], responses[i], mask[i].long())
-                    new_logprobs, _ = forward_logprobs(policy, *micro_batch, args.temperature, autocast)
-                    new_values = get_values(value_model, *micro_batch, autocast)
-                    pg_loss, pg_stats = ppo_policy_loss(
-                        new_logprobs, logprobs[i], advantages[i], mask[i], args.clip_coef, args.clip_mode
-                    )
-                    vf_loss, vf_stats = ppo_value_loss(new_values, values[i], returns[i], mask[i], args.vf_clip_coef)
-                    kl_loss = token_kl_loss(new_logprobs, ref_logprobs[i], mask[i], kl_in_loss, args.kl_estimator)
-                    loss = pg_loss + args.vf_coef * vf_loss + kl_loss
-                    check_finite(loss, update)
-                    scaler.scale(loss * (mask[i].sum() / minibatch_tokens)).backward()  # exactly 1 unless accumulating
-                    stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), **pg_stats, **vf_stats})
-                average_gradients(params)
-                if args.max_grad_norm is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-        time_update += time.time() - t0
-
-        # LOGGING: the common keys, then the means of the update's statistics and the algorithm's own diagnostics.
-        stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        explained_var = 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
-        stats["ppo/explained_variance"] = explained_var.item()
-        objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=True)
-        logger.log_train(episode, update, lr, kl_coef, objective, start_time, time_rollout, time_update, stats)
-
-        # Adaptive KL controller (Ziegler et al. 2019, eq. 2): move kl_coef so the sequence KL tracks --kl-target.
-        if args.kl_target is not None:
-            error = max(-0.2, min(0.2, objective["kl"] / args.kl_target - 1))
-            kl_coef *= 1 + error * args.batch_size / args.kl_horizon
-        if args.ref_sync_every > 0 and update % args.ref_sync_every == 0:
-            lerp_parameters(ref_policy, policy, args.ref_sync_mix)
-
-        # EVALUATION
-        if episode >= next_eval or update == num_updates:
-            next_eval += args.eval_every
-            logger.log_eval(episode, *evaluate(*eval_models))
-
-        # CHECKPOINT, when a multiple of --save-every episodes was passed in this update.
-        if args.save_every and episode % args.save_every < args.batch_size and update < num_updates:
-            loop = {"episode": episode, "next_eval": next_eval, "order": order, "kl_coef": kl_coef}
-            loop |= {"time_rollout": time_rollout, "time_update": time_update, "elapsed": time.time() - start_time}
-            logger.save_checkpoint(trained, {"generator": generator}, loop)
-
-    logger.finish(policy, tokenizer, start_time)
+    main()

@@ -372,6 +372,162 @@ def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=F
     return {k: v.item() for k, v in stats.items()}
 
 
+# ============ MAIN: setup, models, then the training loop (it reads as the papers' pseudocode) ============
+def main():
+    args = parse_args()
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    rank, world_size = setup_distributed(args)
+    check_args(args, ALGO_RANGES, world_size)
+    minibatch_size = args.minibatch_size or args.batch_size
+    if args.buffer_size < max(args.batch_size, minibatch_size):
+        fail(f"--buffer-size {args.buffer_size} must hold a rollout (--batch-size) and a minibatch (--minibatch-size)")
+    if args.buffer_size % world_size or minibatch_size % world_size:  # each rank holds and samples its share
+        fail(f"--buffer-size and --minibatch-size must be multiples of the number of processes ({world_size})")
+    local_minibatch_size = minibatch_size // world_size  # each rank samples its share of every minibatch
+    if args.autotune and args.alpha == 0:
+        fail("--alpha must be > 0 with --autotune, where it is the initial value (--alpha 0 --no-autotune: no entropy)")
+    if args.learning_starts > args.total_episodes:
+        fail(f"--learning-starts {args.learning_starts} is more than --total-episodes: no gradient step would be taken")
+    train_prompts = load_prompts(args.dataset, "--dataset")
+    eval_prompts = load_prompts(args.eval_dataset, "--eval-dataset", args.eval_size)
+
+    # MODELS
+    device, autocast, tokenizer, policy, ref_policy, reward_model, gold_model = load_models(args)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
+    eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
+    reward_copy = load_reward_model(args.reward_model_name, "--reward-model-name", torch.float32, device)
+    tokens = ref_policy.get_output_embeddings().weight.detach()  # [vocab (maybe > len(tokenizer)), d], pi_ref's storage
+    critic = SoftQNetwork(reward_copy, len(tokens), tokens if args.critic == "factored" else None).to(device).eval()
+    critic_target = copy.deepcopy(critic, memo={id(tokens): tokens}).requires_grad_(False)  # one copy of tokens
+    if args.gradient_checkpointing:  # after the copy: the target's layers must keep their own forward
+        enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(critic)
+    params, q_params = list(policy.parameters()), list(critic.parameters())
+    # Same optimizer settings as the other scripts; no weight decay, so the KL-regularised optimum stays the optimum.
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+    q_optimizer = torch.optim.AdamW(q_params, lr=args.q_learning_rate, eps=1e-5, weight_decay=0.0)
+    # alpha = exp(log_alpha) stays positive while tuned; with --no-autotune it is the constant --alpha (maybe 0).
+    log_alpha = torch.tensor(float(args.alpha), device=device).clamp(min=1e-30).log().requires_grad_(args.autotune)
+    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_learning_rate)  # steps only with --autotune
+    optimizers = [(optimizer, params), (q_optimizer, q_params)] + ([(alpha_optimizer, [])] if args.autotune else [])
+    # fp16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    logger = RunLogger(args, run_name, rank)
+    generator = torch.Generator(device=device).manual_seed(args.seed + 100_000 * rank)  # each rank's sampling seed
+    num_updates = args.total_episodes // args.batch_size
+    buffer = ReplayBuffer(args.buffer_size // world_size)  # each rank's share of the responses
+    episode, next_eval, order = 0, args.eval_every, []
+    time_rollout = time_update = 0.0
+    start_time = time.time()
+    eval_models = (policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast)
+    # What a checkpoint keeps (--save-every): the trained state, and each rank's sampling generator and buffer.
+    trained = {"policy": policy, "critic": critic, "critic_target": critic_target, "log_alpha": log_alpha}
+    trained |= {
+        "optimizer": optimizer,
+        "q_optimizer": q_optimizer,
+        "alpha_optimizer": alpha_optimizer,
+        "scaler": scaler,
+    }
+    trained |= {"ref_policy": ref_policy} if args.ref_sync_every else {}
+    if args.resume:  # the run goes on from its last checkpoint exactly as if it had never stopped
+        loop = logger.resume(trained, {"generator": generator, "buffer": buffer})
+        episode, next_eval, order = loop["episode"], loop["next_eval"], loop["order"]
+        time_rollout, time_update, start_time = loop["time_rollout"], loop["time_update"], time.time() - loop["elapsed"]
+    else:
+        logger.log_eval(0, *evaluate(*eval_models))
+
+    for update in range(episode // args.batch_size + 1, num_updates + 1):
+        # Linear learning-rate decay to 0 over the run, as in the PPO script (the critic's and alpha's alongside).
+        lr = args.learning_rate * (1.0 - (update - 1.0) / num_updates)
+        optimizer.param_groups[0]["lr"] = lr
+        for opt in [q_optimizer, alpha_optimizer]:
+            opt.param_groups[0]["lr"] = args.q_learning_rate * lr / args.learning_rate
+
+        # ROLLOUT: a batch of prompts (reshuffled each pass over the data), one response each, into the buffer.
+        t0 = time.time()
+        batch = next_prompt_indices(order, args.batch_size, len(train_ids))[rank::world_size]  # this rank's share
+        query, query_mask = left_pad([train_ids[i] for i in batch], pad_id, device)  # [batch, prompt]
+        responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
+            policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
+        )
+        if not args.offline or len(buffer) < buffer.capacity:  # --offline: the buffer is filled once, then frozen
+            buffer.add(query, query_mask, responses, mask, scores)
+        episode += args.batch_size
+        time_rollout += time.time() - t0
+
+        # SAC UPDATE: gradient steps on minibatches of whole responses from the buffer, once it holds enough.
+        t0 = time.time()
+        stats = []
+        num_steps = (
+            args.updates_per_rollout if len(buffer) * world_size >= max(args.learning_starts, minibatch_size) else 0
+        )
+        for _ in range(num_steps):
+            mb_query, mb_query_mask, mb_responses, mb_mask, mb_scores = buffer.sample(
+                local_minibatch_size, pad_id, device
+            )
+            states = (mb_query, mb_query_mask, mb_responses, mb_mask.long())  # every prefix of the responses
+            alpha = log_alpha.exp().item() if args.autotune else args.alpha
+            logp = forward_logp_all(policy, *states, args.temperature, autocast)  # [batch, time, vocab]
+            q_all = critic(*states, autocast)  # [batch, time, 2, vocab]
+            with torch.no_grad():
+                ref_logp = chunked(
+                    args.rollout_micro_batch_size, forward_logp_all, ref_policy, *states, args.temperature, autocast
+                )
+                q_target = chunked(args.rollout_micro_batch_size, critic_target, *states, autocast)
+            targets = critic_targets(
+                q_target, logp.detach(), ref_logp, mb_scores, mb_mask, alpha, args.kl_coef, args.gamma, args.n_step
+            )
+            q_loss, q_stats = critic_loss(q_all, mb_responses, targets, mb_mask)
+            # Actor: the exact expectation over the vocabulary against the (fixed) pessimistic Q.
+            policy_loss = sac_policy_loss(logp, ref_logp, q_all.detach().min(2).values, alpha, args.kl_coef, mb_mask)
+            # Alpha: up when the entropy is below a fraction of pi_ref's at these states (Christodoulou 2019, eq. 11).
+            with torch.no_grad():
+                policy_entropy = masked_mean(-(logp.exp() * logp).sum(-1), mb_mask)
+                ref_entropy = masked_mean(-(ref_logp.exp() * ref_logp).sum(-1), mb_mask)
+                entropy_target = args.target_entropy_scale * ref_entropy
+            alpha_loss = log_alpha.exp() * (policy_entropy - entropy_target) if args.autotune else torch.zeros(())
+            loss = q_loss + policy_loss + alpha_loss  # disjoint parameters: one backward serves all three
+            check_finite(loss, update)
+            # Each rank's token means weighted by its share of the tokens: the ranks' mean gradient is the minibatch's.
+            scaler.scale(loss * (mb_mask.sum() / mean_over_ranks(mb_mask.sum()))).backward()
+            average_gradients(q_params + params + [log_alpha])
+            for opt, opt_params in optimizers:  # alpha's gradient came through the same scaled backward; never clipped
+                if args.max_grad_norm is not None:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(opt_params, args.max_grad_norm)
+                scaler.step(opt)  # unscales what is still scaled, and skips the step when a gradient is inf or NaN
+                opt.zero_grad(set_to_none=True)
+            scaler.update()
+            lerp_parameters(critic_target, critic, args.tau)  # Polyak averaging (Haarnoja et al. 2018)
+            stats.append({"loss/policy": policy_loss.item(), "loss/alpha": alpha_loss.item(), **q_stats})
+            stats[-1] |= {"sac/policy_entropy": policy_entropy.item(), "sac/entropy_target": entropy_target.item()}
+        time_update += time.time() - t0
+
+        # LOGGING: the common keys, the means of the update's statistics (none before learning starts), alpha.
+        stats = {k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})}
+        stats |= {"sac/alpha": log_alpha.exp().item() if args.autotune else args.alpha}
+        stats["sac/buffer_size"] = len(buffer) * world_size
+        objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=True)
+        logger.log_train(episode, update, lr, args.kl_coef, objective, start_time, time_rollout, time_update, stats)
+
+        if args.ref_sync_every > 0 and update % args.ref_sync_every == 0:
+            lerp_parameters(ref_policy, policy, args.ref_sync_mix)
+
+        # EVALUATION
+        if episode >= next_eval or update == num_updates:
+            next_eval += args.eval_every
+            logger.log_eval(episode, *evaluate(*eval_models))
+
+        # CHECKPOINT, when a multiple of --save-every episodes was passed in this update.
+        if args.save_every and episode % args.save_every < args.batch_size and update < num_updates:
+            loop = {"episode": episode, "next_eval": next_eval, "order": order}
+            loop |= {"time_rollout": time_rollout, "time_update": time_update, "elapsed": time.time() - start_time}
+            logger.save_checkpoint(trained, {"generator": generator, "buffer": buffer}, loop)
+
+    logger.finish(policy, tokenizer, start_time)
+
+
 # === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
 def fail(message, every_rank=False):
     """Stop with one line that names the flag and the fix (no traceback). Under torchrun every rank finds a bad flag and
@@ -901,155 +1057,4 @@ class RunLogger:
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    rank, world_size = setup_distributed(args)
-    check_args(args, ALGO_RANGES, world_size)
-    minibatch_size = args.minibatch_size or args.batch_size
-    if args.buffer_size < max(args.batch_size, minibatch_size):
-        fail(f"--buffer-size {args.buffer_size} must hold a rollout (--batch-size) and a minibatch (--minibatch-size)")
-    if args.buffer_size % world_size or minibatch_size % world_size:  # each rank holds and samples its share
-        fail(f"--buffer-size and --minibatch-size must be multiples of the number of processes ({world_size})")
-    local_minibatch_size = minibatch_size // world_size  # each rank samples its share of every minibatch
-    if args.autotune and args.alpha == 0:
-        fail("--alpha must be > 0 with --autotune, where it is the initial value (--alpha 0 --no-autotune: no entropy)")
-    if args.learning_starts > args.total_episodes:
-        fail(f"--learning-starts {args.learning_starts} is more than --total-episodes: no gradient step would be taken")
-    train_prompts = load_prompts(args.dataset, "--dataset")
-    eval_prompts = load_prompts(args.eval_dataset, "--eval-dataset", args.eval_size)
-
-    # MODELS
-    device, autocast, tokenizer, policy, ref_policy, reward_model, gold_model = load_models(args)
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
-    eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
-    reward_copy = load_reward_model(args.reward_model_name, "--reward-model-name", torch.float32, device)
-    tokens = ref_policy.get_output_embeddings().weight.detach()  # [vocab (maybe > len(tokenizer)), d], pi_ref's storage
-    critic = SoftQNetwork(reward_copy, len(tokens), tokens if args.critic == "factored" else None).to(device).eval()
-    critic_target = copy.deepcopy(critic, memo={id(tokens): tokens}).requires_grad_(False)  # one copy of tokens
-    if args.gradient_checkpointing:  # after the copy: the target's layers must keep their own forward
-        enable_gradient_checkpointing(policy)
-        enable_gradient_checkpointing(critic)
-    params, q_params = list(policy.parameters()), list(critic.parameters())
-    # Same optimizer settings as the other scripts; no weight decay, so the KL-regularised optimum stays the optimum.
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
-    q_optimizer = torch.optim.AdamW(q_params, lr=args.q_learning_rate, eps=1e-5, weight_decay=0.0)
-    # alpha = exp(log_alpha) stays positive while tuned; with --no-autotune it is the constant --alpha (maybe 0).
-    log_alpha = torch.tensor(float(args.alpha), device=device).clamp(min=1e-30).log().requires_grad_(args.autotune)
-    alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_learning_rate)  # steps only with --autotune
-    optimizers = [(optimizer, params), (q_optimizer, q_params)] + ([(alpha_optimizer, [])] if args.autotune else [])
-    # fp16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    logger = RunLogger(args, run_name, rank)
-    generator = torch.Generator(device=device).manual_seed(args.seed + 100_000 * rank)  # each rank's sampling seed
-    num_updates = args.total_episodes // args.batch_size
-    buffer = ReplayBuffer(args.buffer_size // world_size)  # each rank's share of the responses
-    episode, next_eval, order = 0, args.eval_every, []
-    time_rollout = time_update = 0.0
-    start_time = time.time()
-    eval_models = (policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast)
-    # What a checkpoint keeps (--save-every): the trained state, and each rank's sampling generator and buffer.
-    trained = {"policy": policy, "critic": critic, "critic_target": critic_target, "log_alpha": log_alpha}
-    trained |= {
-        "optimizer": optimizer,
-        "q_optimizer": q_optimizer,
-        "alpha_optimizer": alpha_optimizer,
-        "scaler": scaler,
-    }
-    trained |= {"ref_policy": ref_policy} if args.ref_sync_every else {}
-    if args.resume:  # the run goes on from its last checkpoint exactly as if it had never stopped
-        loop = logger.resume(trained, {"generator": generator, "buffer": buffer})
-        episode, next_eval, order = loop["episode"], loop["next_eval"], loop["order"]
-        time_rollout, time_update, start_time = loop["time_rollout"], loop["time_update"], time.time() - loop["elapsed"]
-    else:
-        logger.log_eval(0, *evaluate(*eval_models))
-
-    for update in range(episode // args.batch_size + 1, num_updates + 1):
-        # Linear learning-rate decay to 0 over the run, as in the PPO script (the critic's and alpha's alongside).
-        lr = args.learning_rate * (1.0 - (update - 1.0) / num_updates)
-        optimizer.param_groups[0]["lr"] = lr
-        for opt in [q_optimizer, alpha_optimizer]:
-            opt.param_groups[0]["lr"] = args.q_learning_rate * lr / args.learning_rate
-
-        # ROLLOUT: a batch of prompts (reshuffled each pass over the data), one response each, into the buffer.
-        t0 = time.time()
-        batch = next_prompt_indices(order, args.batch_size, len(train_ids))[rank::world_size]  # this rank's share
-        query, query_mask = left_pad([train_ids[i] for i in batch], pad_id, device)  # [batch, prompt]
-        responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
-            policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
-        )
-        if not args.offline or len(buffer) < buffer.capacity:  # --offline: the buffer is filled once, then frozen
-            buffer.add(query, query_mask, responses, mask, scores)
-        episode += args.batch_size
-        time_rollout += time.time() - t0
-
-        # SAC UPDATE: gradient steps on minibatches of whole responses from the buffer, once it holds enough.
-        t0 = time.time()
-        stats = []
-        num_steps = (
-            args.updates_per_rollout if len(buffer) * world_size >= max(args.learning_starts, minibatch_size) else 0
-        )
-        for _ in range(num_steps):
-            mb_query, mb_query_mask, mb_responses, mb_mask, mb_scores = buffer.sample(
-                local_minibatch_size, pad_id, device
-            )
-            states = (mb_query, mb_query_mask, mb_responses, mb_mask.long())  # every prefix of the responses
-            alpha = log_alpha.exp().item() if args.autotune else args.alpha
-            logp = forward_logp_all(policy, *states, args.temperature, autocast)  # [batch, time, vocab]
-            q_all = critic(*states, autocast)  # [batch, time, 2, vocab]
-            with torch.no_grad():
-                ref_logp = chunked(
-                    args.rollout_micro_batch_size, forward_logp_all, ref_policy, *states, args.temperature, autocast
-                )
-                q_target = chunked(args.rollout_micro_batch_size, critic_target, *states, autocast)
-            targets = critic_targets(
-                q_target, logp.detach(), ref_logp, mb_scores, mb_mask, alpha, args.kl_coef, args.gamma, args.n_step
-            )
-            q_loss, q_stats = critic_loss(q_all, mb_responses, targets, mb_mask)
-            # Actor: the exact expectation over the vocabulary against the (fixed) pessimistic Q.
-            policy_loss = sac_policy_loss(logp, ref_logp, q_all.detach().min(2).values, alpha, args.kl_coef, mb_mask)
-            # Alpha: up when the entropy is below a fraction of pi_ref's at these states (Christodoulou 2019, eq. 11).
-            with torch.no_grad():
-                policy_entropy = masked_mean(-(logp.exp() * logp).sum(-1), mb_mask)
-                ref_entropy = masked_mean(-(ref_logp.exp() * ref_logp).sum(-1), mb_mask)
-                entropy_target = args.target_entropy_scale * ref_entropy
-            alpha_loss = log_alpha.exp() * (policy_entropy - entropy_target) if args.autotune else torch.zeros(())
-            loss = q_loss + policy_loss + alpha_loss  # disjoint parameters: one backward serves all three
-            check_finite(loss, update)
-            # Each rank's token means weighted by its share of the tokens: the ranks' mean gradient is the minibatch's.
-            scaler.scale(loss * (mb_mask.sum() / mean_over_ranks(mb_mask.sum()))).backward()
-            average_gradients(q_params + params + [log_alpha])
-            for opt, opt_params in optimizers:  # alpha's gradient came through the same scaled backward; never clipped
-                if args.max_grad_norm is not None:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(opt_params, args.max_grad_norm)
-                scaler.step(opt)  # unscales what is still scaled, and skips the step when a gradient is inf or NaN
-                opt.zero_grad(set_to_none=True)
-            scaler.update()
-            lerp_parameters(critic_target, critic, args.tau)  # Polyak averaging (Haarnoja et al. 2018)
-            stats.append({"loss/policy": policy_loss.item(), "loss/alpha": alpha_loss.item(), **q_stats})
-            stats[-1] |= {"sac/policy_entropy": policy_entropy.item(), "sac/entropy_target": entropy_target.item()}
-        time_update += time.time() - t0
-
-        # LOGGING: the common keys, the means of the update's statistics (none before learning starts), alpha.
-        stats = {k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})}
-        stats |= {"sac/alpha": log_alpha.exp().item() if args.autotune else args.alpha}
-        stats["sac/buffer_size"] = len(buffer) * world_size
-        objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=True)
-        logger.log_train(episode, update, lr, args.kl_coef, objective, start_time, time_rollout, time_update, stats)
-
-        if args.ref_sync_every > 0 and update % args.ref_sync_every == 0:
-            lerp_parameters(ref_policy, policy, args.ref_sync_mix)
-
-        # EVALUATION
-        if episode >= next_eval or update == num_updates:
-            next_eval += args.eval_every
-            logger.log_eval(episode, *evaluate(*eval_models))
-
-        # CHECKPOINT, when a multiple of --save-every episodes was passed in this update.
-        if args.save_every and episode % args.save_every < args.batch_size and update < num_updates:
-            loop = {"episode": episode, "next_eval": next_eval, "order": order}
-            loop |= {"time_rollout": time_rollout, "time_update": time_update, "elapsed": time.time() - start_time}
-            logger.save_checkpoint(trained, {"generator": generator, "buffer": buffer}, loop)
-
-    logger.finish(policy, tokenizer, start_time)
+    main()

@@ -27,7 +27,8 @@ What is mutated, per script (found with `ast`, so it follows the code when it mo
   * the bodies of the top-level functions and classes between the marker line "# ==== ALGO LOGIC: ..." and the
     next marker line ("# ==== RLHF CORE", "# ==== TRY NOT TO MODIFY") or 'if __name__';
   * the bodies of the shared helpers named by --functions, where the script has them;
-  * the `if __name__ == "__main__":` block from its first `for update in` loop to its end.
+  * the training loop: `def main()` (or the `if __name__ == "__main__":` block) from its first `for update in` loop
+    to its end.
 Blank and comment lines, docstrings, string literals, and statements that only log or stop (logger.*, print,
 fail, raise SystemExit) are left alone.
 
@@ -182,17 +183,18 @@ def target_regions(tree, lines, functions):
     """[(name, first line, last line)] of the code to mutate: bodies of the chosen definitions and the main loop."""
     section = algo_section(lines)
     regions = []
+    mains = []  # `def main()` and the `if __name__ == "__main__":` block: the one holding the training loop
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        if is_main_block(node) or (isinstance(node, ast.FunctionDef) and node.name == "main"):
+            mains.append(node)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             in_section = section is not None and section[0] < node.lineno < section[1]
             if in_section or node.name in functions:
                 regions.append((node.name, node.body[0].lineno, node.end_lineno))
-        elif is_main_block(node):
-            start = training_loop_start(node)
-            if start is None:
-                print("warning: no `for update in` loop in the main block; the main block is not mutated", flush=True)
-            else:
-                regions.append(("main loop", start, node.end_lineno))
+    loops = [(training_loop_start(node), node.end_lineno) for node in mains if training_loop_start(node) is not None]
+    if not loops:
+        print("warning: no `for update in` loop in main() or the main block; no main loop is mutated", flush=True)
+    regions += [("main loop", start, end) for start, end in loops[:1]]
     return regions
 
 

@@ -13,6 +13,7 @@ REGION_STARTS = {  # the line each region of the README's table starts at: its m
     "`Args`": r"^@dataclass",
     "`ALGO LOGIC`": r"^# =+ ALGO LOGIC",
     "`RLHF CORE`": r"^# =+ RLHF CORE",
+    "`MAIN`": r"^# =+ MAIN:",
     "`TRY NOT TO MODIFY`": r"^# =+ TRY NOT TO MODIFY",
     '`if __name__ == "__main__":`': r'^if __name__ == "__main__":',
 }
