@@ -317,10 +317,17 @@ def test_the_factored_critic_and_its_target_read_the_references_own_output_layer
 
 
 def test_the_target_critic_follows_the_critic_at_rate_tau(worlds, tmp_path, monkeypatch):
-    """One-step targets read the target critic: its Polyak updates change the second critic step's gradient."""
+    """target <- tau * critic + (1 - tau) * target after each critic step, at a rate whose 1 - tau differs (0.25, and 1,
+    where 1 - tau = 0 would leave the target where it started), read from the checkpoint after the first update's one
+    step: the target's RM backbone and score head sit at lerp(RM, critic, tau) (the critic starts as the RM). And
+    one-step targets read the target critic: its rate changes the second critic step's gradient."""
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(worlds["llama"].reward, dtype=torch.float32).state_dict()
     grads = {}
-    for tau in ["1.0", "0.5"]:
+    for tau in ["1.0", "0.25"]:
         steps = record_optimizer_steps(monkeypatch)
+        out = tmp_path / tau
         code, _, stderr = run_main(
             "sac_rlhf.py",
             *worlds["llama"].args(),
@@ -330,16 +337,28 @@ def test_the_target_critic_follows_the_critic_at_rate_tau(worlds, tmp_path, monk
             "--tau",
             tau,
             "--updates-per-rollout",
-            "2",
+            "1",
+            "--save-every",
+            "16",
+            "--no-save-model",
             "--output-dir",
-            str(tmp_path / tau),
+            str(out),
             cwd=tmp_path,
         )
         assert code == 0, stderr[-3000:]
         critic_steps = [s for s in steps if s["optimizer"] is steps[1]["optimizer"]]  # policy, critic, policy, ...
+        assert len(critic_steps) == 2  # one per update
         grads[tau] = critic_steps[1]["grads"]
+        trained = torch.load(out / "checkpoint.pt", weights_only=True)["trained"]  # after update 1: one Polyak step
+        critic, target = trained["critic"], trained["critic_target"]
+        moved = 0
+        for name, start in rm.items():
+            critic_now = critic[f"model.{name}"]
+            moved += not torch.equal(critic_now, start)
+            torch.testing.assert_close(target[f"model.{name}"], torch.lerp(start, critic_now, float(tau)))
+        assert moved > len(rm) / 2  # the step moved the critic, so a wrong rate would show
     # The first critic steps are alike (target = critic at the start); after one Polyak update they differ.
-    assert any(not torch.allclose(a, b) for a, b in zip(grads["1.0"], grads["0.5"]))
+    assert any(not torch.allclose(a, b) for a, b in zip(grads["1.0"], grads["0.25"]))
 
 
 def test_critic_loss_sums_both_heads_squared_errors_on_the_taken_tokens():
