@@ -480,7 +480,9 @@ def test_reference_reset_is_exact_in_fp32():
 # The shared RLHF core: sampling, masks, scores
 # ---------------------------------------------------------------------------------------------
 def test_sampling_with_the_kv_cache_uses_the_full_forward_distribution(world, monkeypatch):
-    """Every next-token distribution generate() samples from is softmax(full forward logits / temperature)."""
+    """Every next-token distribution generate() samples from is softmax(full forward logits / temperature), and the
+    training log-probs (forward_logp_all, forward_logprobs and its entropy) describe that very distribution, at a
+    temperature that is not 1 (where dropping `/ temperature` on either side would change nothing)."""
     import types
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -508,6 +510,14 @@ def test_sampling_with_the_kv_cache_uses_the_full_forward_distribution(world, mo
     for t in range(5):
         want = torch.softmax(logits[:, query.shape[1] - 1 + t] / 0.7, -1)
         torch.testing.assert_close(seen[t], want, atol=1e-5, rtol=1e-4)
+    sampled = torch.stack(seen, 1)  # [batch, time, vocab]: what generate() drew each token from
+    resp_mask = torch.ones_like(tokens)
+    with torch.no_grad():
+        logp_all = ppo.forward_logp_all(policy, query, query_mask, tokens, resp_mask, 0.7, NO_AUTOCAST)
+        logprobs, entropy = ppo.forward_logprobs(policy, query, query_mask, tokens, resp_mask, 0.7, NO_AUTOCAST)
+    torch.testing.assert_close(logp_all.exp(), sampled, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logprobs.exp(), sampled.gather(-1, tokens[..., None])[..., 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(entropy, torch.special.entr(sampled).sum(-1), atol=1e-4, rtol=1e-4)
 
 
 def test_generate_stops_once_every_row_has_ended(llama, monkeypatch):
