@@ -645,8 +645,26 @@ def test_gradients_are_clipped_to_max_grad_norm(script, precision, llama, tmp_pa
     assert len(norms) >= 2 and all(0.5e-5 < n <= 1.0001e-5 for n in norms), norms  # SAC: actor and critic each
 
 
+@pytest.fixture(scope="session")
+def gold_of_llama(worlds, tmp_path_factory):
+    """A gold RM that is not the proxy RM and whose every score is known: the llama world's RM with its score head
+    times -2, so gold(x, y) = -2 * proxy(x, y) exactly (the head has no bias; -2 is exact in floating point)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("gold") / "gold_reward_model"
+    rm = AutoModelForSequenceClassification.from_pretrained(worlds["llama"].reward)
+    assert getattr(rm.score, "bias", None) is None
+    with torch.no_grad():
+        rm.score.weight.mul_(-2.0)
+    rm.save_pretrained(path)
+    AutoTokenizer.from_pretrained(worlds["llama"].reward).save_pretrained(path)
+    return str(path)
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, llama, tmp_path):
+def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, llama, gold_of_llama, tmp_path):
+    """Each evaluation's means count every prompt once, and the gold scores are the gold RM's (not the proxy's, with
+    the proxy's missing-EOS penalty off so that every gold score is -2 times its proxy score)."""
     out = tmp_path / "run"
     code, _, stderr = run_main(
         script,
@@ -660,8 +678,10 @@ def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, l
         "8",
         "--eval-size",
         "6",
-        "--gold-reward-model-name",  # the RM again, as the gold model: its scores too must be means over prompts
-        llama.reward,
+        "--gold-reward-model-name",
+        gold_of_llama,
+        "--missing-eos-penalty",
+        "None",
         "--output-dir",
         str(out),
         cwd=tmp_path,
@@ -677,6 +697,8 @@ def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, l
         assert len(scores) == 6 and r["eval/scores"] == pytest.approx(sum(scores) / 6)
         gold = [s["gold_score"] for s in samples if s["episode"] == r["episode"]]
         assert r["eval/gold_scores"] == pytest.approx(sum(gold) / 6)
+        assert gold == pytest.approx([-2 * s for s in scores], rel=1e-5, abs=1e-6)  # the gold RM's, on the same text
+    assert min(abs(s["score"]) for s in samples) > 1e-3  # so gold = proxy would fail the line above
 
 
 def test_prompt_stream_reshuffles_every_pass_and_truncates_from_the_left(llama):
