@@ -595,9 +595,13 @@ def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, t
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_reference_reset_copies_the_policy(script, llama, tmp_path):
+    """--ref-sync-mix 1 copies the policy into the reference; a mix that is neither 1 nor 1/2 (0.25) moves the reference
+    that far towards the policy, no further (read from the checkpoint after update 1), and leaves the policy alone."""
+    from transformers import AutoModelForCausalLM
+
     out = {}
-    for sync in ["0", "1"]:
-        out[sync] = tmp_path / f"sync{sync}"
+    for mix in ["1.0", "0.25"]:
+        out[mix] = tmp_path / f"mix{mix}"
         code, _, stderr = run_main(
             script,
             *llama.args(),
@@ -605,18 +609,29 @@ def test_reference_reset_copies_the_policy(script, llama, tmp_path):
             "--learning-rate",
             "1e-2",
             "--ref-sync-every",
-            sync,
+            "1",
+            "--ref-sync-mix",
+            mix,
+            "--save-every",
+            "16",
+            "--no-save-model",
             "--output-dir",
-            str(out[sync]),
+            str(out[mix]),
             cwd=tmp_path,
         )
         assert code == 0, stderr[-3000:]
-    synced, frozen = read_jsonl(out["1"] / "metrics.jsonl"), read_jsonl(out["0"] / "metrics.jsonl")
+    synced, mixed = read_jsonl(out["1.0"] / "metrics.jsonl"), read_jsonl(out["0.25"] / "metrics.jsonl")
     # After the first update the reference is set to the policy: the evaluation right after it, and the next
-    # rollout, see no KL at all; with the frozen reference both do.
+    # rollout, see no KL at all; with a partial reset both do.
     evals, train = [r for r in synced if "eval/kl" in r], [r for r in synced if "objective/kl" in r]
     assert evals[1]["episode"] == 16 and evals[1]["eval/kl"] == 0.0 and train[1]["objective/kl"] == 0.0
-    assert [r for r in frozen if "eval/kl" in r][1]["eval/kl"] != 0.0
+    assert [r for r in mixed if "eval/kl" in r][1]["eval/kl"] != 0.0
+    start = AutoModelForCausalLM.from_pretrained(llama.policy, dtype=torch.float32).state_dict()
+    trained = torch.load(out["0.25"] / "checkpoint.pt", weights_only=True)["trained"]  # after update 1's reset
+    policy, ref = trained["policy"], trained["ref_policy"]
+    assert sum(not torch.equal(policy[name], start[name]) for name in start) > len(start) / 2  # the policy moved
+    for name, initial in start.items():
+        torch.testing.assert_close(ref[name], torch.lerp(initial, policy[name], 0.25))
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16"])
