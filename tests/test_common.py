@@ -548,19 +548,28 @@ def test_rollout_subtracts_the_missing_eos_penalty_from_responses_without_eos(ll
     import ppo_rlhf as ppo
 
     policy = AutoModelForCausalLM.from_pretrained(llama.policy, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(llama.policy, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(3.0)  # a reference that is not the policy
     rm = AutoModelForSequenceClassification.from_pretrained(llama.reward, dtype=torch.float32).eval()
     eos, pad = policy.config.eos_token_id, policy.config.pad_token_id
     raw = torch.tensor([[5, eos, 9], [5, 6, 7], [eos, 8, 8]])
-    monkeypatch.setattr(ppo, "generate", lambda *a: raw)
+    monkeypatch.setattr(ppo, "generate", lambda model, *a: raw if model is policy else None)  # the policy samples
     query, query_mask = ppo.left_pad([[5, 6], [7], [8, 9]], pad, "cpu")
-    args = types.SimpleNamespace(temperature=1.0, stop_at_eos=True, missing_eos_penalty=2.5, rollout_micro_batch_size=2)
-    responses, mask, has_eos, logprobs, ref_logprobs, _, scores = ppo.rollout(
-        policy, policy, rm, query, query_mask, args, eos, pad, None, NO_AUTOCAST
+    args = types.SimpleNamespace(temperature=0.7, stop_at_eos=True, missing_eos_penalty=2.5, rollout_micro_batch_size=2)
+    responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = ppo.rollout(
+        policy, ref, rm, query, query_mask, args, eos, pad, None, NO_AUTOCAST
     )
     assert mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]] and has_eos.tolist() == [True, False, True]
     raw_scores = ppo.get_scores(rm, query, query_mask, responses, mask.long(), NO_AUTOCAST)
     torch.testing.assert_close(scores, raw_scores - torch.tensor([0.0, 2.5, 0.0]))
-    assert (logprobs * (1 - mask)).abs().sum() == 0 and (logprobs - ref_logprobs).abs().sum() == 0
+    # Each model's own log-probs at the rollout's temperature, 0 at padding.
+    want, want_entropy = ppo.forward_logprobs(policy, query, query_mask, responses, mask.long(), 0.7, NO_AUTOCAST)
+    want_ref, _ = ppo.forward_logprobs(ref, query, query_mask, responses, mask.long(), 0.7, NO_AUTOCAST)
+    torch.testing.assert_close(logprobs, want.detach())
+    torch.testing.assert_close(entropy, want_entropy.detach())
+    torch.testing.assert_close(ref_logprobs, want_ref.detach())
+    assert (logprobs * (1 - mask)).abs().sum() == 0 and (logprobs - ref_logprobs)[mask.bool()].abs().min() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -914,8 +923,10 @@ def test_pairwise_similarity_is_the_mean_jaccard_overlap_of_bigram_sets():
 
 
 def test_evaluation_logs_variety_and_a_collapsed_policy_scores_as_one(tinyworld, tmp_path, monkeypatch):
-    """The variety metrics of the tinyworld's SFT policy lie inside their ranges; a policy that gives one response to
-    every prompt has self-similarity 1 and distinct-1 of one token over all the tokens."""
+    """The variety metrics of the tinyworld's SFT policy lie inside their ranges, and are the policy's, not the
+    reference's (a policy that is not its reference: the same variety as when it is its own reference, another than
+    the reference's); a policy that gives one response to every prompt has self-similarity 1 and distinct-1 of one
+    token over all the tokens."""
     import ppo_rlhf as ppo
 
     args = ppo.Args(eval_size=8, batch_size=8, output_dir=str(tmp_path))
@@ -925,6 +936,13 @@ def test_evaluation_logs_variety_and_a_collapsed_policy_scores_as_one(tinyworld,
     record, samples = ppo.evaluate(*models)
     assert 0 < record["eval/distinct_1"] <= 1 and 0 < record["eval/distinct_2"] <= 1
     assert 0 <= record["eval/self_similarity"] < 1
+    with torch.no_grad():
+        policy.get_output_embeddings().weight.mul_(2.0)  # a sharper policy than its reference
+    moved, _ = ppo.evaluate(*models)
+    alone, _ = ppo.evaluate(policy, policy, *models[2:])
+    variety = ["eval/distinct_1", "eval/distinct_2", "eval/self_similarity"]
+    assert [moved[k] for k in variety] == [alone[k] for k in variety] != [record[k] for k in variety]
+    assert moved["eval/kl"] > 0 and alone["eval/kl"] == 0
     monkeypatch.setattr(ppo, "generate", lambda *a: a[1][:, :1] * 0 + 5)  # every response: the one token 5
     record_one, _ = ppo.evaluate(*models)
     assert record_one["eval/self_similarity"] == 1.0 and record_one["eval/distinct_1"] == 1 / 8
