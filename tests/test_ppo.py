@@ -377,6 +377,8 @@ def test_values_are_read_at_the_state_before_each_token(llama_world):
 
 
 def test_value_loss_weight_scales_only_the_value_models_gradient(llama_world, tmp_path, monkeypatch):
+    """--vf-coef scales the value model's gradient alone. The clip ranges differ (the policy's too wide to clip, the
+    value's too narrow not to): each must reach its own loss, --clip-coef the ratio's, --vf-clip-coef the values'."""
     grads = {}
     for vf_coef in ["0.1", "0.2"]:
         steps = record_optimizer_steps(monkeypatch)
@@ -390,12 +392,18 @@ def test_value_loss_weight_scales_only_the_value_models_gradient(llama_world, tm
             vf_coef,
             "--max-grad-norm",
             "None",
+            "--clip-coef",
+            "100",
+            "--vf-clip-coef",
+            "1e-6",
             "--output-dir",
             str(tmp_path / vf_coef),
             cwd=tmp_path,
         )
         assert code == 0, stderr[-3000:]
         grads[vf_coef] = steps[0]["grads"]
+        train = next(r for r in read_jsonl(tmp_path / vf_coef / "metrics.jsonl") if "ppo/clipfrac" in r)
+        assert train["ppo/clipfrac"] == 0 and train["ppo/value_clipfrac"] > 0.5, train
     from transformers import AutoModelForCausalLM
 
     n_policy = len(
