@@ -418,7 +418,8 @@ def test_advantages_are_whitened_so_the_reward_scale_does_not_change_the_policy_
     llama_world, tmp_path, monkeypatch
 ):
     """N details #7: with the rewards (and so the values and advantages) ten times larger, the whitened advantages,
-    and the first policy gradient with them, are the same."""
+    and the first policy gradient with them, are the same. At a temperature that is not 1, the one minibatch is on
+    policy: the update's log-probs are the rollout's, both at --temperature (ratio 1 exactly)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     scaled = tmp_path / "scaled_rm"
@@ -448,12 +449,16 @@ def test_advantages_are_whitened_so_the_reward_scale_does_not_change_the_policy_
             "1",
             "--max-grad-norm",
             "None",
+            "--temperature",
+            "0.7",
             "--output-dir",
             str(tmp_path / f"run{len(grads)}"),
             cwd=tmp_path,
         )
         assert code == 0, stderr[-3000:]
         grads.append(steps[0]["grads"])
+        train = next(r for r in read_jsonl(tmp_path / f"run{len(grads) - 1}" / "metrics.jsonl") if "ppo/approxkl" in r)
+        assert train["ppo/approxkl"] < 1e-12 and train["ppo/ratio_mean"] == pytest.approx(1.0, abs=1e-6), train
     policy_grads = [(a, b) for a, b in zip(*grads) if a.abs().sum() > 0]  # the value model's are 0 (vf_coef 0)
     assert policy_grads
     for a, b in policy_grads:

@@ -241,9 +241,19 @@ def test_run_with_options_starts_learning_late_then_tunes_alpha(worlds, tmp_path
 
 def test_the_entropies_alpha_is_tuned_on_are_the_policys_and_the_references(worlds, tmp_path):
     """At the first update the minibatch is the rollout itself (buffer = batch = minibatch) and pi = pi_ref, so the
-    policy entropy alpha is tuned on is the rollout's objective/entropy, and the target that times the scale."""
+    policy entropy alpha is tuned on is the rollout's objective/entropy, and the target that times the scale; at a
+    temperature that is not 1, so the update's log-probs must be at --temperature, like the rollout's."""
     out = tmp_path / "run"
-    flags = [*worlds["llama"].args(), *TINY, "--buffer-size", "16", "--updates-per-rollout", "1"]
+    flags = [
+        *worlds["llama"].args(),
+        *TINY,
+        "--buffer-size",
+        "16",
+        "--updates-per-rollout",
+        "1",
+        "--temperature",
+        "0.7",
+    ]
     result = run_script("sac_rlhf.py", *flags, "--target-entropy-scale", "0.7", "--output-dir", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     first = next(r for r in read_jsonl(out / "metrics.jsonl") if "objective/entropy" in r)
