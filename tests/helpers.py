@@ -489,3 +489,24 @@ def record_optimizer_steps(monkeypatch) -> list[dict]:
     for cls, step in originals.items():
         monkeypatch.setattr(cls, "step", recording(step))
     return steps
+
+
+@contextlib.contextmanager
+def record_calls(*names: str):
+    """Record the arguments of every call, made inside the `with` block, of the scripts' functions with these names
+    (functions defined in a REPO/*_rlhf.py file, e.g. a main loop run with run_main): yields {name: [arguments]}, each
+    call's arguments a dict {parameter: value} (the values themselves, not copies). Uses sys.setprofile, so the main
+    loop's own calls are seen as they are made, with no change to the scripts."""
+    calls = {name: [] for name in names}
+
+    def profile(frame, event, _arg):
+        code = frame.f_code
+        if event == "call" and code.co_name in calls and code.co_filename.endswith("_rlhf.py"):
+            calls[code.co_name].append(dict(frame.f_locals))  # at the call: the arguments only
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        yield calls
+    finally:
+        sys.setprofile(previous)

@@ -6,7 +6,7 @@ import torch
 
 import sac_rlhf as sac
 from tests import enumeration as en
-from tests.helpers import NO_AUTOCAST, TINY, read_jsonl, record_optimizer_steps, run_main, run_script
+from tests.helpers import NO_AUTOCAST, TINY, read_jsonl, record_calls, record_optimizer_steps, run_main, run_script
 
 
 def random_distributions(shape, seed):
@@ -330,7 +330,8 @@ def test_the_target_critic_follows_the_critic_at_rate_tau(worlds, tmp_path, monk
     """target <- tau * critic + (1 - tau) * target after each critic step, at a rate whose 1 - tau differs (0.25, and 1,
     where 1 - tau = 0 would leave the target where it started), read from the checkpoint after the first update's one
     step: the target's RM backbone and score head sit at lerp(RM, critic, tau) (the critic starts as the RM). And
-    one-step targets read the target critic: its rate changes the second critic step's gradient."""
+    one-step targets read the target critic: its rate changes the second critic step's gradient. The targets get
+    --gamma 0.9 (the default 1 would hide 1 - gamma and gamma^n from this test), --n-step and --kl-coef as beta."""
     from transformers import AutoModelForSequenceClassification
 
     rm = AutoModelForSequenceClassification.from_pretrained(worlds["llama"].reward, dtype=torch.float32).state_dict()
@@ -338,24 +339,31 @@ def test_the_target_critic_follows_the_critic_at_rate_tau(worlds, tmp_path, monk
     for tau in ["1.0", "0.25"]:
         steps = record_optimizer_steps(monkeypatch)
         out = tmp_path / tau
-        code, _, stderr = run_main(
-            "sac_rlhf.py",
-            *worlds["llama"].args(),
-            *TINY,
-            "--n-step",
-            "1",
-            "--tau",
-            tau,
-            "--updates-per-rollout",
-            "1",
-            "--save-every",
-            "16",
-            "--no-save-model",
-            "--output-dir",
-            str(out),
-            cwd=tmp_path,
-        )
+        with record_calls("critic_targets") as calls:
+            code, _, stderr = run_main(
+                "sac_rlhf.py",
+                *worlds["llama"].args(),
+                *TINY,
+                "--n-step",
+                "1",
+                "--gamma",
+                "0.9",
+                "--kl-coef",
+                "0.2",
+                "--tau",
+                tau,
+                "--updates-per-rollout",
+                "1",
+                "--save-every",
+                "16",
+                "--no-save-model",
+                "--output-dir",
+                str(out),
+                cwd=tmp_path,
+            )
         assert code == 0, stderr[-3000:]
+        targets = [(c["alpha"], c["beta"], c["gamma"], c["n"]) for c in calls["critic_targets"]]
+        assert targets == [(0.0, 0.2, 0.9, 1)] * 2  # one call per critic step
         critic_steps = [s for s in steps if s["optimizer"] is steps[1]["optimizer"]]  # policy, critic, policy, ...
         assert len(critic_steps) == 2  # one per update
         grads[tau] = critic_steps[1]["grads"]
