@@ -9,7 +9,16 @@ import os
 import pytest
 import torch
 
-from tests.helpers import NO_AUTOCAST, REPO, TINY, read_jsonl, record_optimizer_steps, run_main, run_script
+from tests.helpers import (
+    NO_AUTOCAST,
+    REPO,
+    TINY,
+    read_jsonl,
+    record_calls,
+    record_optimizer_steps,
+    run_main,
+    run_script,
+)
 
 SCRIPTS = [s for s in ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"] if (REPO / s).exists()]
 COMMON_TRAIN_KEYS = [
@@ -577,23 +586,40 @@ def test_rollout_subtracts_the_missing_eos_penalty_from_responses_without_eos(ll
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, tmp_path, monkeypatch):
+    """The learning rates decay linearly. Also each model is in its place (the policy and the reference are one model
+    at the start, and the reward model and PPO's value model too): every rollout and evaluation samples from the
+    trained policy, and reads its reference and reward model, neither of them trained."""
     steps = record_optimizer_steps(monkeypatch)
     extra = ["--autotune", "--alpha", "0.1", "--q-learning-rate", "3e-3"] if script == "sac_rlhf.py" else []
-    code, _, stderr = run_main(
-        script,
-        *llama.args(),
-        *TINY,
-        "--total-episodes",
-        "64",
-        "--learning-rate",
-        "1e-3",
-        "--output-dir",
-        str(tmp_path / "run"),
-        *extra,
-        cwd=tmp_path,
-    )
+    with record_calls("rollout", "evaluate", "generate") as calls:
+        code, _, stderr = run_main(
+            script,
+            *llama.args(),
+            *TINY,
+            "--total-episodes",
+            "64",
+            "--learning-rate",
+            "1e-3",
+            "--output-dir",
+            str(tmp_path / "run"),
+            *extra,
+            cwd=tmp_path,
+        )
     assert code == 0, stderr[-3000:]
     optimizers = list(dict.fromkeys(s["optimizer"] for s in steps))  # policy first; SAC: then critic, alpha
+    trained = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    policy = {id(p) for p in optimizers[0].param_groups[0]["params"]}
+
+    def is_policy(model):
+        return id(next(model.parameters())) in policy
+
+    def is_trained(model):
+        return id(next(model.parameters())) in trained
+
+    assert len(calls["rollout"]) == 4 + 5 and len(calls["evaluate"]) == 5  # 4 updates, 5 evaluations
+    for call in calls["rollout"] + calls["evaluate"]:
+        assert is_policy(call["policy"]) and not is_trained(call["ref_policy"]) and not is_trained(call["reward_model"])
+    assert len(calls["generate"]) == 4 + 2 * 5 and all(is_policy(call["model"]) for call in calls["generate"])
     rates = [[s["lr"] for s in steps if s["optimizer"] is opt] for opt in optimizers]
     factors = [1, 0.75, 0.5, 0.25]  # update u of 4 runs at (1 - (u - 1) / 4) of the initial rate
     per_update = {"ppo_rlhf.py": 16, "rloo_rlhf.py": 1, "sac_rlhf.py": 4}[script]  # PPO: 4 epochs x 4 minibatches
