@@ -631,7 +631,8 @@ def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, t
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_reference_reset_copies_the_policy(script, llama, tmp_path):
     """--ref-sync-mix 1 copies the policy into the reference; a mix that is neither 1 nor 1/2 (0.25) moves the reference
-    that far towards the policy, no further (read from the checkpoint after update 1), and leaves the policy alone."""
+    that far towards the policy, no further (read from the checkpoint), and leaves the policy alone. Every 2 updates,
+    not 1 (where "every update" would give the same)."""
     from transformers import AutoModelForCausalLM
 
     out = {}
@@ -641,10 +642,12 @@ def test_reference_reset_copies_the_policy(script, llama, tmp_path):
             script,
             *llama.args(),
             *TINY,
+            "--total-episodes",
+            "48",
             "--learning-rate",
             "1e-2",
             "--ref-sync-every",
-            "1",
+            "2",
             "--ref-sync-mix",
             mix,
             "--save-every",
@@ -656,16 +659,17 @@ def test_reference_reset_copies_the_policy(script, llama, tmp_path):
         )
         assert code == 0, stderr[-3000:]
     synced, mixed = read_jsonl(out["1.0"] / "metrics.jsonl"), read_jsonl(out["0.25"] / "metrics.jsonl")
-    # After the first update the reference is set to the policy: the evaluation right after it, and the next
-    # rollout, see no KL at all; with a partial reset both do.
+    # After update 2 the reference is set to the policy: the evaluation right after it, and the next rollout, see no KL
+    # at all; after update 1 (no reset yet) and with a partial reset both do.
     evals, train = [r for r in synced if "eval/kl" in r], [r for r in synced if "objective/kl" in r]
-    assert evals[1]["episode"] == 16 and evals[1]["eval/kl"] == 0.0 and train[1]["objective/kl"] == 0.0
-    assert [r for r in mixed if "eval/kl" in r][1]["eval/kl"] != 0.0
+    assert [r["episode"] for r in evals] == [0, 16, 32, 48] and evals[1]["eval/kl"] != 0.0 and train[1]["objective/kl"]
+    assert evals[2]["eval/kl"] == 0.0 and train[2]["objective/kl"] == 0.0
+    assert [r for r in mixed if "eval/kl" in r][2]["eval/kl"] != 0.0
     start = AutoModelForCausalLM.from_pretrained(llama.policy, dtype=torch.float32).state_dict()
-    trained = torch.load(out["0.25"] / "checkpoint.pt", weights_only=True)["trained"]  # after update 1's reset
+    trained = torch.load(out["0.25"] / "checkpoint.pt", weights_only=True)["trained"]  # after update 2's reset
     policy, ref = trained["policy"], trained["ref_policy"]
     assert sum(not torch.equal(policy[name], start[name]) for name in start) > len(start) / 2  # the policy moved
-    for name, initial in start.items():
+    for name, initial in start.items():  # the reference was the initial policy until then
         torch.testing.assert_close(ref[name], torch.lerp(initial, policy[name], 0.25))
 
 
