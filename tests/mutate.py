@@ -48,7 +48,8 @@ the right answer: a rate of 0.5, a temperature of 1, one model standing in for t
   * swap: a name (read) or `args.<name>` replaced by another of the same kind (SWAP_KINDS: policy <-> ref_policy,
     reward_model <-> gold_model / value_model, critic <-> critic_target, logprobs <-> ref_logprobs / old_logprobs /
     new_logprobs, values <-> returns, scores <-> rewards, kl_in_reward <-> kl_in_loss, alpha <-> beta, gamma <-> lam,
-    clip_coef <-> vf_clip_coef, ...) that the same function (or the main block) also names, or an Args field;
+    clip_coef <-> vf_clip_coef, num_ppo_epochs <-> num_minibatches, the batch sizes, ...) that the same function (or
+    the main block) also names, or an Args field;
   * swap-args: two arguments of one call that are names of the same kind (or such names indexed, `logprobs[i]`)
     exchanged, e.g. `lerp_parameters(critic_target, critic, tau)` -> `lerp_parameters(critic, critic_target, tau)`.
 One mutant per distinct mutated line; mutants that do not compile are dropped. With --max-per-line K each line gets
@@ -186,6 +187,8 @@ SWAP_KINDS = [  # names of the same kind: a mutant puts one where another stood 
     {"gamma", "lam"},
     {"clip_coef", "vf_clip_coef"},
     {"learning_rate", "q_learning_rate"},
+    {"num_ppo_epochs", "num_minibatches"},  # counts
+    {"local_batch_size", "minibatch_size", "micro_batch_size", "local_minibatch_size"},
 ]
 AST_OPERATORS = ["rate", "drop-scale", "swap", "swap-args"]
 OPERATORS = TOKEN_OPERATORS + AST_OPERATORS

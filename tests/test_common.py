@@ -590,7 +590,11 @@ def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, t
     at the start, and the reward model and PPO's value model too): every rollout and evaluation samples from the
     trained policy, and reads its reference and reward model, neither of them trained."""
     steps = record_optimizer_steps(monkeypatch)
-    extra = ["--autotune", "--alpha", "0.1", "--q-learning-rate", "3e-3"] if script == "sac_rlhf.py" else []
+    extra = {
+        "ppo_rlhf.py": ["--num-ppo-epochs", "2"],  # not --num-minibatches (4): each count in its place
+        "rloo_rlhf.py": [],
+        "sac_rlhf.py": ["--autotune", "--alpha", "0.1", "--q-learning-rate", "3e-3"],
+    }[script]
     with record_calls("rollout", "evaluate", "generate") as calls:
         code, _, stderr = run_main(
             script,
@@ -622,7 +626,7 @@ def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, t
     assert len(calls["generate"]) == 4 + 2 * 5 and all(is_policy(call["model"]) for call in calls["generate"])
     rates = [[s["lr"] for s in steps if s["optimizer"] is opt] for opt in optimizers]
     factors = [1, 0.75, 0.5, 0.25]  # update u of 4 runs at (1 - (u - 1) / 4) of the initial rate
-    per_update = {"ppo_rlhf.py": 16, "rloo_rlhf.py": 1, "sac_rlhf.py": 4}[script]  # PPO: 4 epochs x 4 minibatches
+    per_update = {"ppo_rlhf.py": 8, "rloo_rlhf.py": 1, "sac_rlhf.py": 4}[script]  # PPO: 2 epochs x 4 minibatches
     assert rates[0] == pytest.approx([1e-3 * f for f in factors for _ in range(per_update)])
     if script == "sac_rlhf.py":  # the critic's and alpha's rates decay alongside, from --q-learning-rate
         assert len(optimizers) == 3 and rates[1] == rates[2] == pytest.approx([3 * x for x in rates[0]])
