@@ -493,16 +493,22 @@ def record_optimizer_steps(monkeypatch) -> list[dict]:
 
 @contextlib.contextmanager
 def record_calls(*names: str):
-    """Record the arguments of every call, made inside the `with` block, of the scripts' functions with these names
-    (functions defined in a REPO/*_rlhf.py file, e.g. a main loop run with run_main): yields {name: [arguments]}, each
-    call's arguments a dict {parameter: value} (the values themselves, not copies). Uses sys.setprofile, so the main
-    loop's own calls are seen as they are made, with no change to the scripts."""
+    """Record every call, made inside the `with` block, of the scripts' functions with these names (functions and
+    methods defined in a REPO/*_rlhf.py file, e.g. in a main loop run with run_main): yields {name: [calls]}, each call
+    a dict {parameter: value} of its arguments, and "return": what it returned (the values themselves, not copies).
+    Uses sys.setprofile, so the main loop's own calls are seen as they are made, with no change to the scripts."""
     calls = {name: [] for name in names}
+    open_calls = {}  # id(frame) -> its record, until it returns
 
-    def profile(frame, event, _arg):
+    def profile(frame, event, arg):
         code = frame.f_code
-        if event == "call" and code.co_name in calls and code.co_filename.endswith("_rlhf.py"):
-            calls[code.co_name].append(dict(frame.f_locals))  # at the call: the arguments only
+        if code.co_name not in calls or not code.co_filename.endswith("_rlhf.py"):
+            return
+        if event == "call":
+            open_calls[id(frame)] = dict(frame.f_locals)  # at the call: the arguments only
+            calls[code.co_name].append(open_calls[id(frame)])
+        elif event == "return" and id(frame) in open_calls:
+            open_calls.pop(id(frame))["return"] = arg
 
     previous = sys.getprofile()
     sys.setprofile(profile)

@@ -588,14 +588,15 @@ def test_rollout_subtracts_the_missing_eos_penalty_from_responses_without_eos(ll
 def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, tmp_path, monkeypatch):
     """The learning rates decay linearly. Also each model is in its place (the policy and the reference are one model
     at the start, and the reward model and PPO's value model too): every rollout and evaluation samples from the
-    trained policy, and reads its reference and reward model, neither of them trained."""
+    trained policy, and reads its reference and reward model, neither of them trained; the KL metrics take the policy's
+    and the reference's log-probs each in its place, and the KL loss differentiates the policy's."""
     steps = record_optimizer_steps(monkeypatch)
     extra = {
         "ppo_rlhf.py": ["--num-ppo-epochs", "2"],  # not --num-minibatches (4): each count in its place
         "rloo_rlhf.py": [],
         "sac_rlhf.py": ["--autotune", "--alpha", "0.1", "--q-learning-rate", "3e-3"],
     }[script]
-    with record_calls("rollout", "evaluate", "generate") as calls:
+    with record_calls("rollout", "evaluate", "generate", "batch_stats", "token_kl_loss", "sequence_kl_loss") as calls:
         code, _, stderr = run_main(
             script,
             *llama.args(),
@@ -630,6 +631,14 @@ def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, t
     assert rates[0] == pytest.approx([1e-3 * f for f in factors for _ in range(per_update)])
     if script == "sac_rlhf.py":  # the critic's and alpha's rates decay alongside, from --q-learning-rate
         assert len(optimizers) == 3 and rates[1] == rates[2] == pytest.approx([3 * x for x in rates[0]])
+    # Each batch_stats call reads one rollout's policy log-probs as logprobs and its reference's as ref_logprobs.
+    rollouts = [call["return"] for call in calls["rollout"]]  # responses, mask, has_eos, logprobs, ref_logprobs, ...
+    assert len(calls["batch_stats"]) == 4 + 5
+    for call in calls["batch_stats"]:
+        assert any(call["logprobs"] is r[3] and call["ref_logprobs"] is r[4] for r in rollouts)
+    kl_losses = calls["token_kl_loss"] + calls["sequence_kl_loss"]  # PPO's, RLOO's (with kl_coef 0 in the reward)
+    assert len(kl_losses) == (0 if script == "sac_rlhf.py" else 4 * per_update)
+    assert all(c["logprobs"].requires_grad and not c["ref_logprobs"].requires_grad for c in kl_losses)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
