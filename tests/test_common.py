@@ -858,34 +858,41 @@ ACCUMULATION_FLAGS = {
 @pytest.mark.parametrize("script", list(ACCUMULATION_FLAGS))
 def test_gradient_accumulation_gives_the_gradient_of_one_big_minibatch(script, tinyworld, tmp_path, monkeypatch):
     """The tinyworld's responses have unequal lengths: micro-batches must weigh every token (PPO) or every response
-    (RLOO) as one big minibatch would. The first optimizer step sees the same rollout and policy in every run."""
+    (RLOO) as one big minibatch would. The first optimizer step sees the same rollout and policy in every run. PPO's
+    token counts that weigh the micro-batches are those of each minibatch: together, every token of the rollout once
+    (a count over more rows, or a mean, scales every step alike in both runs)."""
     grads = {}
     for steps in [1, 4]:
         recorded = record_optimizer_steps(monkeypatch)
         out = tmp_path / f"run{steps}"
-        code, _, stderr = run_main(
-            script,
-            *tinyworld.args(),
-            "--total-episodes",
-            "16",
-            "--batch-size",
-            "16",
-            "--gradient-accumulation-steps",
-            str(steps),
-            "--eval-size",
-            "4",
-            "--eval-every",
-            "100",
-            "--max-grad-norm",
-            "None",
-            "--no-save-model",
-            "--output-dir",
-            str(out),
-            *ACCUMULATION_FLAGS[script],
-            cwd=tmp_path,
-        )
+        with record_calls("rollout", "mean_over_ranks") as calls:
+            code, _, stderr = run_main(
+                script,
+                *tinyworld.args(),
+                "--total-episodes",
+                "16",
+                "--batch-size",
+                "16",
+                "--gradient-accumulation-steps",
+                str(steps),
+                "--eval-size",
+                "4",
+                "--eval-every",
+                "100",
+                "--max-grad-norm",
+                "None",
+                "--no-save-model",
+                "--output-dir",
+                str(out),
+                *ACCUMULATION_FLAGS[script],
+                cwd=tmp_path,
+            )
         assert code == 0, stderr[-3000:]
         grads[steps] = recorded[0]["grads"]
+        if script == "ppo_rlhf.py":  # one epoch of 2 minibatches
+            counts = [c["x"] for c in calls["mean_over_ranks"] if c["x"].dim() == 0]  # not the logged statistics
+            mask = next(c["return"][1] for c in calls["rollout"] if len(c["return"][1]) == 16)  # not the evaluations'
+            assert len(counts) == 2 and sum(counts) == mask.sum()
         record = next(r for r in read_jsonl(out / "metrics.jsonl") if "objective/response_length" in r)
         assert 1 < record["objective/response_length"] < 23  # responses end at their EOS, at different lengths
     assert len(grads[1]) == len(grads[4]) > 0
