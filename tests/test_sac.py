@@ -240,9 +240,13 @@ def test_run_with_options_starts_learning_late_then_tunes_alpha(worlds, tmp_path
 
 
 def test_the_entropies_alpha_is_tuned_on_are_the_policys_and_the_references(worlds, tmp_path):
-    """At the first update the minibatch is the rollout itself (buffer = batch = minibatch) and pi = pi_ref, so the
-    policy entropy alpha is tuned on is the rollout's objective/entropy, and the target that times the scale; at a
-    temperature that is not 1, so the update's log-probs must be at --temperature, like the rollout's."""
+    """With a buffer of one rollout and one gradient step per update, each step's minibatch is the rollout just sampled
+    by the policy that takes the step, so the policy entropy alpha is tuned on is the rollout's objective/entropy, and
+    the target is the scale times the reference's entropy at those states (computed here from the responses the buffer
+    received). At the first update pi = pi_ref; the second, after a large step, tells the two apart. At a temperature
+    that is not 1, so the update's log-probs must be at --temperature, like the rollout's."""
+    from transformers import AutoModelForCausalLM
+
     out = tmp_path / "run"
     flags = [
         *worlds["llama"].args(),
@@ -254,11 +258,22 @@ def test_the_entropies_alpha_is_tuned_on_are_the_policys_and_the_references(worl
         "--temperature",
         "0.7",
     ]
-    result = run_script("sac_rlhf.py", *flags, "--target-entropy-scale", "0.7", "--output-dir", str(out), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    first = next(r for r in read_jsonl(out / "metrics.jsonl") if "objective/entropy" in r)
-    assert first["sac/policy_entropy"] == pytest.approx(first["objective/entropy"], rel=1e-4)
-    assert first["sac/entropy_target"] == pytest.approx(0.7 * first["objective/entropy"], rel=1e-4)
+    flags += ["--learning-rate", "0.2", "--target-entropy-scale", "0.7", "--output-dir", str(out)]
+    with record_calls("add") as calls:
+        code, _, stderr = run_main("sac_rlhf.py", *flags, cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    train = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/entropy" in r]
+    ref = AutoModelForCausalLM.from_pretrained(worlds["llama"].policy, dtype=torch.float32).eval()
+    assert len(train) == len(calls["add"]) == 2
+    for record, added in zip(train, calls["add"]):
+        states = (added["query"], added["query_mask"], added["responses"], added["mask"].long())
+        with torch.no_grad():
+            ref_logp = sac.forward_logp_all(ref, *states, 0.7, NO_AUTOCAST)
+        ref_entropy = sac.masked_mean(-(ref_logp.exp() * ref_logp).sum(-1), added["mask"]).item()
+        assert record["sac/policy_entropy"] == pytest.approx(record["objective/entropy"], rel=1e-4)
+        assert record["sac/entropy_target"] == pytest.approx(0.7 * ref_entropy, rel=1e-4)
+    moved = train[1]["sac/entropy_target"] - 0.7 * train[1]["sac/policy_entropy"]
+    assert abs(moved) > 1e-3 * train[1]["sac/entropy_target"]  # pi != pi_ref at the second update
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16"])
