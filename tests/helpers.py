@@ -489,3 +489,30 @@ def record_optimizer_steps(monkeypatch) -> list[dict]:
     for cls, step in originals.items():
         monkeypatch.setattr(cls, "step", recording(step))
     return steps
+
+
+@contextlib.contextmanager
+def record_calls(*names: str):
+    """Record every call, made inside the `with` block, of the scripts' functions with these names (functions and
+    methods defined in a REPO/*_rlhf.py file, e.g. in a main loop run with run_main): yields {name: [calls]}, each call
+    a dict {parameter: value} of its arguments, and "return": what it returned (the values themselves, not copies).
+    Uses sys.setprofile, so the main loop's own calls are seen as they are made, with no change to the scripts."""
+    calls = {name: [] for name in names}
+    open_calls = {}  # id(frame) -> its record, until it returns
+
+    def profile(frame, event, arg):
+        code = frame.f_code
+        if code.co_name not in calls or not code.co_filename.endswith("_rlhf.py"):
+            return
+        if event == "call":
+            open_calls[id(frame)] = dict(frame.f_locals)  # at the call: the arguments only
+            calls[code.co_name].append(open_calls[id(frame)])
+        elif event == "return" and id(frame) in open_calls:
+            open_calls.pop(id(frame))["return"] = arg
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        yield calls
+    finally:
+        sys.setprofile(previous)

@@ -16,6 +16,7 @@ Options:
     --max-per-line K        at most K mutants per line, spread over the operators (default 2)
     --limit N               at most N mutants in all, spread evenly over the scripts and over each script
     --only-lines REGEX      only lines whose text matches REGEX (re.search)
+    --operators OP [OP ...] only these operators (names as in --list), e.g. `--operators rate drop-scale swap swap-args`
     --seed S                seed of the per-line choice of mutants (default 0)
     --jobs J                mutants tested in parallel, each worker in its own copy (default 1)
     --timeout-factor F      a mutant times out after F x the baseline time + 30 s (default 2.0)
@@ -33,10 +34,28 @@ Blank and comment lines, docstrings, string literals, and statements that only l
 fail, raise SystemExit) are left alone.
 
 Operators, one token changed per mutant (with `tokenize`, so the rest of the file keeps its text): binary + <-> -
-(and += <-> -=), binary * <-> / (and *= <-> /=), < <-> <=, > <-> >=, == <-> !=, and <-> or, True <-> False,
-min <-> max, unary minus dropped, int n -> n + 1 (and 1 -> 0), float x -> 2x (0.0 -> 1.0), .sum <-> .mean,
-reversed(...) -> (...), and deletion of a one-line simple statement (replaced by `pass`). Mutants that do not
-compile are dropped.
+(and += <-> -=; add-sub), binary * <-> / (and *= <-> /=; mul-div), < <-> <= (lt-le), > <-> >= (gt-ge),
+== <-> != (eq-ne), and <-> or (and-or), True <-> False (true-false), min <-> max (min-max), unary minus dropped
+(unary-minus), int n -> n + 1 and 1 -> 0 (int+1), float x -> 2x and 0.0 -> 1.0 (float*2), .sum <-> .mean (sum-mean),
+reversed(...) -> (...) (reversed), and deletion of a one-line simple statement, replaced by `pass` (delete).
+
+Operators on one expression of one line, found with `ast` (bugs a test hides when its inputs make the wrong line give
+the right answer: a rate of 0.5, a temperature of 1, one model standing in for two):
+  * rate: a rate r -> (1 - r): a name or `args.<name>` in RATE_NAMES (tau, ref_sync_mix, gamma, lam) and the weight
+    (last positional argument) of a lerp, lerp_ or lerp_parameters call, e.g. `args.tau` -> `(1 - args.tau)`;
+  * drop-scale: a multiplication or division by a flag deleted: `x * f` -> `x`, `f * x` -> `x`, `x / f` -> `x`,
+    where a flag is `args.<anything>`, a name in FLAG_NAMES (temperature, kl_coef, alpha, beta, gamma, ...), or an
+    expression of flags and numbers (`-kl_coef`, `(alpha + beta)`), e.g. `/ temperature`, `* args.vf_coef`;
+  * swap: a name (read) or `args.<name>` replaced by another of the same kind (SWAP_KINDS: policy <-> ref_policy,
+    reward_model <-> gold_model / value_model, critic <-> critic_target, logprobs <-> ref_logprobs / old_logprobs /
+    new_logprobs, values <-> returns, scores <-> rewards, kl_in_reward <-> kl_in_loss, alpha <-> beta, gamma <-> lam,
+    clip_coef <-> vf_clip_coef, num_ppo_epochs <-> num_minibatches, the batch sizes, ...) that the same function (or
+    the main block) also names, or an Args field;
+  * swap-args: two arguments of one call that are names of the same kind (or such names indexed, `logprobs[i]`)
+    exchanged, e.g. `lerp_parameters(critic_target, critic, tau)` -> `lerp_parameters(critic, critic_target, tau)`.
+One mutant per distinct mutated line; mutants that do not compile are dropped. With --max-per-line K each line gets
+at most K mutants, drawn round-robin over its operators in a seeded order, so adding an operator changes which
+mutants a line gets; --operators restricts the draw to the operators named.
 
 Tests, per script X_rlhf.py (default): tests/test_X.py, tests/test_common.py and every other tests/test_*.py
 that names the script or its module, except test_compare.py, test_tinyworld.py and test_fixtures.py; the
@@ -120,6 +139,60 @@ SWAPS = {  # token text -> (operator, replacement), for tokens that are swapped 
     "/=": ("mul-div", "*="),
 }
 BINARY_SWAPS = {"+": ("add-sub", "-"), "-": ("add-sub", "+"), "*": ("mul-div", "/"), "/": ("mul-div", "*")}
+TOKEN_OPERATORS = [
+    "add-sub",
+    "mul-div",
+    "lt-le",
+    "gt-ge",
+    "eq-ne",
+    "and-or",
+    "true-false",
+    "min-max",
+    "unary-minus",
+    "int+1",
+    "float*2",
+    "sum-mean",
+    "reversed",
+    "delete",
+]
+# Operators found with `ast` (expressions rather than tokens): see rate_mutations, scale_mutations, swap_mutations.
+RATE_NAMES = {"tau", "ref_sync_mix", "gamma", "lam"}  # a rate r in [0, 1], as a name or as args.<name>: r -> 1 - r
+LERP_CALLS = {"lerp", "lerp_", "lerp_parameters"}  # their last positional argument is a rate, whatever its name
+FLAG_NAMES = {  # scalar settings that scale a term; `args.<anything>` is one too
+    "temperature",
+    "kl_coef",
+    "kl_in_reward",
+    "kl_in_loss",
+    "alpha",
+    "beta",
+    "gamma",
+    "lam",
+    "tau",
+    "vf_coef",
+    "clip_coef",
+    "vf_clip_coef",
+    "target_entropy_scale",
+    "weight",
+}
+SWAP_KINDS = [  # names of the same kind: a mutant puts one where another stood (args.<name> too, for Args fields)
+    {"policy", "ref_policy"},  # causal LMs
+    {"reward_model", "gold_model", "value_model", "reward_copy"},  # sequence classifiers
+    {"critic", "critic_target"},
+    {"logprobs", "ref_logprobs", "old_logprobs", "new_logprobs"},  # per-token log-probs [batch, time]
+    {"logp", "ref_logp"},  # whole-vocabulary log-probs [batch, time, vocab]
+    {"seq_logprobs", "old_seq_logprobs"},
+    {"values", "old_values", "new_values", "returns"},
+    {"scores", "rewards"},
+    {"kl_in_reward", "kl_in_loss"},
+    {"alpha", "beta"},
+    {"gamma", "lam"},
+    {"clip_coef", "vf_clip_coef"},
+    {"learning_rate", "q_learning_rate"},
+    {"num_ppo_epochs", "num_minibatches"},  # counts
+    {"local_batch_size", "minibatch_size", "micro_batch_size", "local_minibatch_size"},
+]
+AST_OPERATORS = ["rate", "drop-scale", "swap", "swap-args"]
+OPERATORS = TOKEN_OPERATORS + AST_OPERATORS
 FSTRING_START = getattr(tokenize, "FSTRING_START", None)  # Python 3.12+ tokenizes the inside of f-strings
 FSTRING_END = getattr(tokenize, "FSTRING_END", None)
 
@@ -310,8 +383,18 @@ def describe(old, new):
     return f"`{old}` -> `{new}`" if new else f"drop `{old}`"
 
 
-def line_candidates(script, number, where, line, tokens, deletable):
-    """Every mutant of one line, before the compile check."""
+def line_candidates(script, number, where, line, tokens, deletable, expressions=()):
+    """Every mutant of one line, before the compile check; `expressions` from expression_candidates."""
+    mutants = [Mutant(script, number, where, op, change, line, mutated) for op, change, mutated in expressions]
+    mutants += token_candidates(script, number, where, line, tokens, deletable)
+    unique = {}
+    for mutant in mutants:  # one mutant per mutated text (two operators can make the same line)
+        unique.setdefault(mutant.mutated, mutant)
+    return list(unique.values())
+
+
+def token_candidates(script, number, where, line, tokens, deletable):
+    """The mutants of the token operators (TOKEN_OPERATORS) of one line."""
     mutants = []
     for tok, previous, following in tokens:
         for operator, new in token_replacements(tok, previous, following):
@@ -322,6 +405,186 @@ def line_candidates(script, number, where, line, tokens, deletable):
         indent = line[: len(line) - len(line.lstrip())]
         mutants.append(Mutant(script, number, where, "delete", "statement -> `pass`", line, indent + "pass"))
     return mutants
+
+
+def char_col(line, byte_col):
+    """The character column of a UTF-8 byte offset in `line` (ast gives byte offsets)."""
+    return len(line.encode()[:byte_col].decode(errors="ignore"))
+
+
+def node_span(node, lines):
+    """(line, first column, end column) in characters of a node on one line, or None when it spans several."""
+    if node.lineno != node.end_lineno:
+        return None
+    line = lines[node.lineno - 1]
+    return node.lineno, char_col(line, node.col_offset), char_col(line, node.end_col_offset)
+
+
+def node_text(node, lines):
+    span = node_span(node, lines)
+    return None if span is None else lines[span[0] - 1][span[1] : span[2]]
+
+
+def is_args_field(node):
+    return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args"
+
+
+def is_flag(node):
+    """A scalar setting: args.<field>, a FLAG_NAMES name, or -flag / flag op flag-or-number (e.g. `(alpha + beta)`)."""
+    if is_args_field(node) or (isinstance(node, ast.Name) and node.id in FLAG_NAMES):
+        return True
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return is_flag(node.operand)
+    if isinstance(node, ast.BinOp):
+        leaves = (node.left, node.right)
+        return any(is_flag(x) for x in leaves) and all(is_flag(x) or isinstance(x, ast.Constant) for x in leaves)
+    return False
+
+
+def parenthesised(node, text):
+    """`text` (the source of `node`) safe to put where a binary operation stood."""
+    atoms = (ast.Name, ast.Attribute, ast.Call, ast.Subscript, ast.Constant)
+    return text if isinstance(node, atoms) else f"({text})"
+
+
+def rate_mutations(tree, lines):
+    """[(node, operator, new text, change)]: r -> (1 - r) for a rate (RATE_NAMES, args.<rate>, a lerp's weight)."""
+    rates = {}
+    for node in ast.walk(tree):
+        if swappable_name(node) in RATE_NAMES:  # a name read, or args.<name>
+            rates[id(node)] = node
+        elif isinstance(node, ast.Call) and node.args and not isinstance(node.args[-1], ast.Starred):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in LERP_CALLS and len(node.args) >= (2 if isinstance(func, ast.Attribute) else 3):
+                rates[id(node.args[-1])] = node.args[-1]
+    out = []
+    for node in rates.values():
+        text = node_text(node, lines)
+        if text is not None:
+            out.append((node, "rate", f"(1 - {text})", f"`{text}` -> `1 - {text}`"))
+    return out
+
+
+def scale_mutations(tree, lines):
+    """[(node, operator, new text, change)]: x * flag -> x, flag * x -> x, x / flag -> x (see is_flag)."""
+    out = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Mult, ast.Div))):
+            continue
+        symbol = "*" if isinstance(node.op, ast.Mult) else "/"
+        pairs = [(node.left, node.right, f"{symbol} {{}}")]  # (kept, dropped, how the change reads)
+        if symbol == "*":
+            pairs.append((node.right, node.left, "{} *"))
+        for kept, dropped, shape in pairs:
+            if is_flag(dropped) and not is_flag(kept):
+                kept_text, dropped_text = node_text(kept, lines), node_text(dropped, lines)
+                if kept_text is not None and dropped_text is not None:
+                    change = f"drop `{shape.format(parenthesised(dropped, dropped_text))}`"
+                    out.append((node, "drop-scale", parenthesised(kept, kept_text), change))
+    return out
+
+
+def swappable_name(node):
+    """The name of a Name (read) or args.<field> node, or None."""
+    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+        return node.id
+    return node.attr if is_args_field(node) else None
+
+
+def kind_of(name):
+    return next((kind for kind in SWAP_KINDS if name in kind), None)
+
+
+def scopes(tree):
+    """[(scope node, its names)]: every function (its own names, nested ones included) and the module (the rest)."""
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
+    inside = set()
+    result = []
+    for function in functions:
+        names = {n.id for n in ast.walk(function) if isinstance(n, ast.Name)}
+        names |= {a.arg for a in ast.walk(function) if isinstance(a, ast.arg)}
+        result.append((function, names))
+        inside |= {id(n) for n in ast.walk(function)}
+    module_names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in inside}
+    result.append((tree, module_names))
+    return result
+
+
+def args_fields(tree):
+    """The fields of the scripts' `Args` dataclass (the flags), for args.<name> swaps."""
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Args":
+            return {x.target.id for x in node.body if isinstance(x, ast.AnnAssign) and isinstance(x.target, ast.Name)}
+    return set()
+
+
+def swap_mutations(tree, lines):
+    """[(node, operator, new text, change)]: a name for another of its SWAP_KINDS kind that its scope knows (swap),
+    and two arguments of one call that are names of the same kind, exchanged (swap-args)."""
+    fields = args_fields(tree)
+    out = []
+    for scope, names in scopes(tree):
+        nested = {
+            id(n) for f in ast.walk(scope) if f is not scope and isinstance(f, ast.FunctionDef) for n in ast.walk(f)
+        }
+        nodes = [n for n in ast.walk(scope) if id(n) not in nested]
+        for node in nodes:
+            name = swappable_name(node)
+            kind = kind_of(name) if name else None
+            if kind is None:
+                continue
+            known = fields if is_args_field(node) else names
+            prefix = "args." if is_args_field(node) else ""
+            for other in sorted((kind & known) - {name}):
+                out.append((node, "swap", prefix + other, f"`{prefix}{name}` -> `{prefix}{other}`"))
+        for call in [n for n in nodes if isinstance(n, ast.Call)]:
+            arguments = [a for a in call.args if not isinstance(a, ast.Starred)]
+            for i, a in enumerate(arguments):
+                for b in arguments[i + 1 :]:
+                    base_a, base_b = (x.value if isinstance(x, ast.Subscript) else x for x in (a, b))
+                    name_a, name_b = swappable_name(base_a), swappable_name(base_b)
+                    if name_a is None or name_b is None or name_a == name_b or kind_of(name_a) is not kind_of(name_b):
+                        continue
+                    if kind_of(name_a) is None or a.lineno != b.end_lineno:
+                        continue
+                    text_a, text_b = node_text(a, lines), node_text(b, lines)
+                    if text_a is None or text_b is None:
+                        continue
+                    out.append(((a, b), "swap-args", (text_b, text_a), f"`{text_a}, {text_b}` -> `{text_b}, {text_a}`"))
+    return out
+
+
+def in_fstring(tree):
+    """ids of the nodes inside f-strings (their names only change a message)."""
+    return {id(n) for j in ast.walk(tree) if isinstance(j, ast.JoinedStr) for n in ast.walk(j)}
+
+
+def expression_candidates(tree, lines):
+    """{line: [(operator, change, mutated line)]} of the operators found with `ast` (AST_OPERATORS)."""
+    skipped = in_fstring(tree)
+    by_line = {}
+    for node, operator, new, change in (
+        rate_mutations(tree, lines) + scale_mutations(tree, lines) + swap_mutations(tree, lines)
+    ):
+        if operator == "swap-args":
+            (a, b), (new_a, new_b) = node, new
+            if id(a) in skipped:
+                continue
+            number, a0, a1 = node_span(a, lines)
+            _, b0, b1 = node_span(b, lines)
+            line = lines[number - 1]
+            mutated = line[:a0] + new_a + line[a1:b0] + new_b + line[b1:]
+        else:
+            span = node_span(node, lines)
+            if span is None or id(node) in skipped:
+                continue
+            number, start, end = span
+            line = lines[number - 1]
+            mutated = line[:start] + new + line[end:]
+        if mutated != line:
+            by_line.setdefault(number, []).append((operator, change, mutated))
+    return by_line
 
 
 def spread_over_operators(candidates, rng):
@@ -348,11 +611,12 @@ def compiles(lines, number, mutated_line, script):
     return True
 
 
-def script_mutants(script, source, functions, max_per_line, seed, only_lines=None):
-    """(mutants, number of target lines) of one script's source text."""
+def script_mutants(script, source, functions, max_per_line, seed, only_lines=None, operators=None):
+    """(mutants, number of target lines) of one script's source text; `operators`: only these (default: all)."""
     tree = ast.parse(source)
     lines = source.splitlines()
     tokens = code_tokens(source)
+    expressions = expression_candidates(tree, lines)
     skipped = quiet_lines(tree)
     deletable = deletable_lines(tree, lines)
     mutants, targets = [], 0
@@ -362,7 +626,11 @@ def script_mutants(script, source, functions, max_per_line, seed, only_lines=Non
             if number in skipped or number not in tokens or (only_lines and not re.search(only_lines, line)):
                 continue
             targets += 1
-            candidates = line_candidates(script, number, where, line, tokens[number], number in deletable)
+            candidates = line_candidates(
+                script, number, where, line, tokens[number], number in deletable, expressions.get(number, ())
+            )
+            if operators is not None:
+                candidates = [m for m in candidates if m.operator in operators]
             rng = random.Random(f"{seed}:{script}:{number}")
             chosen = []
             for mutant in spread_over_operators(candidates, rng):
@@ -622,6 +890,7 @@ def list_mutants(per_script, targets):
     everything = Counter(m.operator for mutants in per_script.values() for m in mutants)
     total = sum(everything.values())
     print(f"all scripts: {total} mutants ({', '.join(f'{op} {n}' for op, n in sorted(everything.items()))})")
+    print(f"operators: {', '.join(f'{op} {everything[op]}' for op in OPERATORS)}")
 
 
 def code_cell(text):
@@ -725,6 +994,7 @@ def parse_args(argv):
     parser.add_argument("--max-per-line", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--only-lines", default=None, metavar="REGEX")
+    parser.add_argument("--operators", nargs="+", default=None, choices=OPERATORS, metavar="OP")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--timeout-factor", type=float, default=2.0)
@@ -744,7 +1014,13 @@ def collect_mutants(repo, options):
     for script in options.scripts:
         source = (repo / script).read_text()
         per_script[script], targets[script] = script_mutants(
-            script, source, set(options.functions), options.max_per_line, options.seed, options.only_lines
+            script,
+            source,
+            set(options.functions),
+            options.max_per_line,
+            options.seed,
+            options.only_lines,
+            None if options.operators is None else set(options.operators),
         )
     return apply_limit(per_script, options.limit), targets
 

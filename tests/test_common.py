@@ -9,7 +9,16 @@ import os
 import pytest
 import torch
 
-from tests.helpers import NO_AUTOCAST, REPO, TINY, read_jsonl, record_optimizer_steps, run_main, run_script
+from tests.helpers import (
+    NO_AUTOCAST,
+    REPO,
+    TINY,
+    read_jsonl,
+    record_calls,
+    record_optimizer_steps,
+    run_main,
+    run_script,
+)
 
 SCRIPTS = [s for s in ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"] if (REPO / s).exists()]
 COMMON_TRAIN_KEYS = [
@@ -480,7 +489,9 @@ def test_reference_reset_is_exact_in_fp32():
 # The shared RLHF core: sampling, masks, scores
 # ---------------------------------------------------------------------------------------------
 def test_sampling_with_the_kv_cache_uses_the_full_forward_distribution(world, monkeypatch):
-    """Every next-token distribution generate() samples from is softmax(full forward logits / temperature)."""
+    """Every next-token distribution generate() samples from is softmax(full forward logits / temperature), and the
+    training log-probs (forward_logp_all, forward_logprobs and its entropy) describe that very distribution, at a
+    temperature that is not 1 (where dropping `/ temperature` on either side would change nothing)."""
     import types
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -508,6 +519,14 @@ def test_sampling_with_the_kv_cache_uses_the_full_forward_distribution(world, mo
     for t in range(5):
         want = torch.softmax(logits[:, query.shape[1] - 1 + t] / 0.7, -1)
         torch.testing.assert_close(seen[t], want, atol=1e-5, rtol=1e-4)
+    sampled = torch.stack(seen, 1)  # [batch, time, vocab]: what generate() drew each token from
+    resp_mask = torch.ones_like(tokens)
+    with torch.no_grad():
+        logp_all = ppo.forward_logp_all(policy, query, query_mask, tokens, resp_mask, 0.7, NO_AUTOCAST)
+        logprobs, entropy = ppo.forward_logprobs(policy, query, query_mask, tokens, resp_mask, 0.7, NO_AUTOCAST)
+    torch.testing.assert_close(logp_all.exp(), sampled, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logprobs.exp(), sampled.gather(-1, tokens[..., None])[..., 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(entropy, torch.special.entr(sampled).sum(-1), atol=1e-4, rtol=1e-4)
 
 
 def test_generate_stops_once_every_row_has_ended(llama, monkeypatch):
@@ -538,19 +557,28 @@ def test_rollout_subtracts_the_missing_eos_penalty_from_responses_without_eos(ll
     import ppo_rlhf as ppo
 
     policy = AutoModelForCausalLM.from_pretrained(llama.policy, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(llama.policy, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(3.0)  # a reference that is not the policy
     rm = AutoModelForSequenceClassification.from_pretrained(llama.reward, dtype=torch.float32).eval()
     eos, pad = policy.config.eos_token_id, policy.config.pad_token_id
     raw = torch.tensor([[5, eos, 9], [5, 6, 7], [eos, 8, 8]])
-    monkeypatch.setattr(ppo, "generate", lambda *a: raw)
+    monkeypatch.setattr(ppo, "generate", lambda model, *a: raw if model is policy else None)  # the policy samples
     query, query_mask = ppo.left_pad([[5, 6], [7], [8, 9]], pad, "cpu")
-    args = types.SimpleNamespace(temperature=1.0, stop_at_eos=True, missing_eos_penalty=2.5, rollout_micro_batch_size=2)
-    responses, mask, has_eos, logprobs, ref_logprobs, _, scores = ppo.rollout(
-        policy, policy, rm, query, query_mask, args, eos, pad, None, NO_AUTOCAST
+    args = types.SimpleNamespace(temperature=0.7, stop_at_eos=True, missing_eos_penalty=2.5, rollout_micro_batch_size=2)
+    responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = ppo.rollout(
+        policy, ref, rm, query, query_mask, args, eos, pad, None, NO_AUTOCAST
     )
     assert mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]] and has_eos.tolist() == [True, False, True]
     raw_scores = ppo.get_scores(rm, query, query_mask, responses, mask.long(), NO_AUTOCAST)
     torch.testing.assert_close(scores, raw_scores - torch.tensor([0.0, 2.5, 0.0]))
-    assert (logprobs * (1 - mask)).abs().sum() == 0 and (logprobs - ref_logprobs).abs().sum() == 0
+    # Each model's own log-probs at the rollout's temperature, 0 at padding.
+    want, want_entropy = ppo.forward_logprobs(policy, query, query_mask, responses, mask.long(), 0.7, NO_AUTOCAST)
+    want_ref, _ = ppo.forward_logprobs(ref, query, query_mask, responses, mask.long(), 0.7, NO_AUTOCAST)
+    torch.testing.assert_close(logprobs, want.detach())
+    torch.testing.assert_close(entropy, want_entropy.detach())
+    torch.testing.assert_close(ref_logprobs, want_ref.detach())
+    assert (logprobs * (1 - mask)).abs().sum() == 0 and (logprobs - ref_logprobs)[mask.bool()].abs().min() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,55 +586,104 @@ def test_rollout_subtracts_the_missing_eos_penalty_from_responses_without_eos(ll
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, tmp_path, monkeypatch):
+    """The learning rates decay linearly. Also each model is in its place (the policy and the reference are one model
+    at the start, and the reward model and PPO's value model too): every rollout and evaluation samples from the
+    trained policy, and reads its reference and reward model, neither of them trained; the KL metrics take the policy's
+    and the reference's log-probs each in its place, and the KL loss differentiates the policy's."""
     steps = record_optimizer_steps(monkeypatch)
-    extra = ["--autotune", "--alpha", "0.1", "--q-learning-rate", "3e-3"] if script == "sac_rlhf.py" else []
-    code, _, stderr = run_main(
-        script,
-        *llama.args(),
-        *TINY,
-        "--total-episodes",
-        "64",
-        "--learning-rate",
-        "1e-3",
-        "--output-dir",
-        str(tmp_path / "run"),
-        *extra,
-        cwd=tmp_path,
-    )
-    assert code == 0, stderr[-3000:]
-    optimizers = list(dict.fromkeys(s["optimizer"] for s in steps))  # policy first; SAC: then critic, alpha
-    rates = [[s["lr"] for s in steps if s["optimizer"] is opt] for opt in optimizers]
-    factors = [1, 0.75, 0.5, 0.25]  # update u of 4 runs at (1 - (u - 1) / 4) of the initial rate
-    per_update = {"ppo_rlhf.py": 16, "rloo_rlhf.py": 1, "sac_rlhf.py": 4}[script]  # PPO: 4 epochs x 4 minibatches
-    assert rates[0] == pytest.approx([1e-3 * f for f in factors for _ in range(per_update)])
-    if script == "sac_rlhf.py":  # the critic's and alpha's rates decay alongside, from --q-learning-rate
-        assert len(optimizers) == 3 and rates[1] == rates[2] == pytest.approx([3 * x for x in rates[0]])
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_reference_reset_copies_the_policy(script, llama, tmp_path):
-    out = {}
-    for sync in ["0", "1"]:
-        out[sync] = tmp_path / f"sync{sync}"
+    extra = {
+        "ppo_rlhf.py": ["--num-ppo-epochs", "2"],  # not --num-minibatches (4): each count in its place
+        "rloo_rlhf.py": [],
+        "sac_rlhf.py": ["--autotune", "--alpha", "0.1", "--q-learning-rate", "3e-3"],
+    }[script]
+    with record_calls("rollout", "evaluate", "generate", "batch_stats", "token_kl_loss", "sequence_kl_loss") as calls:
         code, _, stderr = run_main(
             script,
             *llama.args(),
             *TINY,
+            "--total-episodes",
+            "64",
+            "--learning-rate",
+            "1e-3",
+            "--output-dir",
+            str(tmp_path / "run"),
+            *extra,
+            cwd=tmp_path,
+        )
+    assert code == 0, stderr[-3000:]
+    optimizers = list(dict.fromkeys(s["optimizer"] for s in steps))  # policy first; SAC: then critic, alpha
+    trained = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    policy = {id(p) for p in optimizers[0].param_groups[0]["params"]}
+
+    def is_policy(model):
+        return id(next(model.parameters())) in policy
+
+    def is_trained(model):
+        return id(next(model.parameters())) in trained
+
+    assert len(calls["rollout"]) == 4 + 5 and len(calls["evaluate"]) == 5  # 4 updates, 5 evaluations
+    for call in calls["rollout"] + calls["evaluate"]:
+        assert is_policy(call["policy"]) and not is_trained(call["ref_policy"]) and not is_trained(call["reward_model"])
+    assert len(calls["generate"]) == 4 + 2 * 5 and all(is_policy(call["model"]) for call in calls["generate"])
+    rates = [[s["lr"] for s in steps if s["optimizer"] is opt] for opt in optimizers]
+    factors = [1, 0.75, 0.5, 0.25]  # update u of 4 runs at (1 - (u - 1) / 4) of the initial rate
+    per_update = {"ppo_rlhf.py": 8, "rloo_rlhf.py": 1, "sac_rlhf.py": 4}[script]  # PPO: 2 epochs x 4 minibatches
+    assert rates[0] == pytest.approx([1e-3 * f for f in factors for _ in range(per_update)])
+    if script == "sac_rlhf.py":  # the critic's and alpha's rates decay alongside, from --q-learning-rate
+        assert len(optimizers) == 3 and rates[1] == rates[2] == pytest.approx([3 * x for x in rates[0]])
+    # Each batch_stats call reads one rollout's policy log-probs as logprobs and its reference's as ref_logprobs.
+    rollouts = [call["return"] for call in calls["rollout"]]  # responses, mask, has_eos, logprobs, ref_logprobs, ...
+    assert len(calls["batch_stats"]) == 4 + 5
+    for call in calls["batch_stats"]:
+        assert any(call["logprobs"] is r[3] and call["ref_logprobs"] is r[4] for r in rollouts)
+    kl_losses = calls["token_kl_loss"] + calls["sequence_kl_loss"]  # PPO's, RLOO's (with kl_coef 0 in the reward)
+    assert len(kl_losses) == (0 if script == "sac_rlhf.py" else 4 * per_update)
+    assert all(c["logprobs"].requires_grad and not c["ref_logprobs"].requires_grad for c in kl_losses)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_reference_reset_copies_the_policy(script, llama, tmp_path):
+    """--ref-sync-mix 1 copies the policy into the reference; a mix that is neither 1 nor 1/2 (0.25) moves the reference
+    that far towards the policy, no further (read from the checkpoint), and leaves the policy alone. Every 2 updates,
+    not 1 (where "every update" would give the same)."""
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for mix in ["1.0", "0.25"]:
+        out[mix] = tmp_path / f"mix{mix}"
+        code, _, stderr = run_main(
+            script,
+            *llama.args(),
+            *TINY,
+            "--total-episodes",
+            "48",
             "--learning-rate",
             "1e-2",
             "--ref-sync-every",
-            sync,
+            "2",
+            "--ref-sync-mix",
+            mix,
+            "--save-every",
+            "16",
+            "--no-save-model",
             "--output-dir",
-            str(out[sync]),
+            str(out[mix]),
             cwd=tmp_path,
         )
         assert code == 0, stderr[-3000:]
-    synced, frozen = read_jsonl(out["1"] / "metrics.jsonl"), read_jsonl(out["0"] / "metrics.jsonl")
-    # After the first update the reference is set to the policy: the evaluation right after it, and the next
-    # rollout, see no KL at all; with the frozen reference both do.
+    synced, mixed = read_jsonl(out["1.0"] / "metrics.jsonl"), read_jsonl(out["0.25"] / "metrics.jsonl")
+    # After update 2 the reference is set to the policy: the evaluation right after it, and the next rollout, see no KL
+    # at all; after update 1 (no reset yet) and with a partial reset both do.
     evals, train = [r for r in synced if "eval/kl" in r], [r for r in synced if "objective/kl" in r]
-    assert evals[1]["episode"] == 16 and evals[1]["eval/kl"] == 0.0 and train[1]["objective/kl"] == 0.0
-    assert [r for r in frozen if "eval/kl" in r][1]["eval/kl"] != 0.0
+    assert [r["episode"] for r in evals] == [0, 16, 32, 48] and evals[1]["eval/kl"] != 0.0 and train[1]["objective/kl"]
+    assert evals[2]["eval/kl"] == 0.0 and train[2]["objective/kl"] == 0.0
+    assert [r for r in mixed if "eval/kl" in r][2]["eval/kl"] != 0.0
+    start = AutoModelForCausalLM.from_pretrained(llama.policy, dtype=torch.float32).state_dict()
+    trained = torch.load(out["0.25"] / "checkpoint.pt", weights_only=True)["trained"]  # after update 2's reset
+    policy, ref = trained["policy"], trained["ref_policy"]
+    assert sum(not torch.equal(policy[name], start[name]) for name in start) > len(start) / 2  # the policy moved
+    for name, initial in start.items():  # the reference was the initial policy until then
+        torch.testing.assert_close(ref[name], torch.lerp(initial, policy[name], 0.25))
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16"])
@@ -635,8 +712,26 @@ def test_gradients_are_clipped_to_max_grad_norm(script, precision, llama, tmp_pa
     assert len(norms) >= 2 and all(0.5e-5 < n <= 1.0001e-5 for n in norms), norms  # SAC: actor and critic each
 
 
+@pytest.fixture(scope="session")
+def gold_of_llama(worlds, tmp_path_factory):
+    """A gold RM that is not the proxy RM and whose every score is known: the llama world's RM with its score head
+    times -2, so gold(x, y) = -2 * proxy(x, y) exactly (the head has no bias; -2 is exact in floating point)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("gold") / "gold_reward_model"
+    rm = AutoModelForSequenceClassification.from_pretrained(worlds["llama"].reward)
+    assert getattr(rm.score, "bias", None) is None
+    with torch.no_grad():
+        rm.score.weight.mul_(-2.0)
+    rm.save_pretrained(path)
+    AutoTokenizer.from_pretrained(worlds["llama"].reward).save_pretrained(path)
+    return str(path)
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, llama, tmp_path):
+def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, llama, gold_of_llama, tmp_path):
+    """Each evaluation's means count every prompt once, and the gold scores are the gold RM's (not the proxy's, with
+    the proxy's missing-EOS penalty off so that every gold score is -2 times its proxy score)."""
     out = tmp_path / "run"
     code, _, stderr = run_main(
         script,
@@ -650,8 +745,10 @@ def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, l
         "8",
         "--eval-size",
         "6",
-        "--gold-reward-model-name",  # the RM again, as the gold model: its scores too must be means over prompts
-        llama.reward,
+        "--gold-reward-model-name",
+        gold_of_llama,
+        "--missing-eos-penalty",
+        "None",
         "--output-dir",
         str(out),
         cwd=tmp_path,
@@ -667,6 +764,8 @@ def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, l
         assert len(scores) == 6 and r["eval/scores"] == pytest.approx(sum(scores) / 6)
         gold = [s["gold_score"] for s in samples if s["episode"] == r["episode"]]
         assert r["eval/gold_scores"] == pytest.approx(sum(gold) / 6)
+        assert gold == pytest.approx([-2 * s for s in scores], rel=1e-5, abs=1e-6)  # the gold RM's, on the same text
+    assert min(abs(s["score"]) for s in samples) > 1e-3  # so gold = proxy would fail the line above
 
 
 def test_prompt_stream_reshuffles_every_pass_and_truncates_from_the_left(llama):
@@ -759,34 +858,41 @@ ACCUMULATION_FLAGS = {
 @pytest.mark.parametrize("script", list(ACCUMULATION_FLAGS))
 def test_gradient_accumulation_gives_the_gradient_of_one_big_minibatch(script, tinyworld, tmp_path, monkeypatch):
     """The tinyworld's responses have unequal lengths: micro-batches must weigh every token (PPO) or every response
-    (RLOO) as one big minibatch would. The first optimizer step sees the same rollout and policy in every run."""
+    (RLOO) as one big minibatch would. The first optimizer step sees the same rollout and policy in every run. PPO's
+    token counts that weigh the micro-batches are those of each minibatch: together, every token of the rollout once
+    (a count over more rows, or a mean, scales every step alike in both runs)."""
     grads = {}
     for steps in [1, 4]:
         recorded = record_optimizer_steps(monkeypatch)
         out = tmp_path / f"run{steps}"
-        code, _, stderr = run_main(
-            script,
-            *tinyworld.args(),
-            "--total-episodes",
-            "16",
-            "--batch-size",
-            "16",
-            "--gradient-accumulation-steps",
-            str(steps),
-            "--eval-size",
-            "4",
-            "--eval-every",
-            "100",
-            "--max-grad-norm",
-            "None",
-            "--no-save-model",
-            "--output-dir",
-            str(out),
-            *ACCUMULATION_FLAGS[script],
-            cwd=tmp_path,
-        )
+        with record_calls("rollout", "mean_over_ranks") as calls:
+            code, _, stderr = run_main(
+                script,
+                *tinyworld.args(),
+                "--total-episodes",
+                "16",
+                "--batch-size",
+                "16",
+                "--gradient-accumulation-steps",
+                str(steps),
+                "--eval-size",
+                "4",
+                "--eval-every",
+                "100",
+                "--max-grad-norm",
+                "None",
+                "--no-save-model",
+                "--output-dir",
+                str(out),
+                *ACCUMULATION_FLAGS[script],
+                cwd=tmp_path,
+            )
         assert code == 0, stderr[-3000:]
         grads[steps] = recorded[0]["grads"]
+        if script == "ppo_rlhf.py":  # one epoch of 2 minibatches
+            counts = [c["x"] for c in calls["mean_over_ranks"] if c["x"].dim() == 0]  # not the logged statistics
+            mask = next(c["return"][1] for c in calls["rollout"] if len(c["return"][1]) == 16)  # not the evaluations'
+            assert len(counts) == 2 and sum(counts) == mask.sum()
         record = next(r for r in read_jsonl(out / "metrics.jsonl") if "objective/response_length" in r)
         assert 1 < record["objective/response_length"] < 23  # responses end at their EOS, at different lengths
     assert len(grads[1]) == len(grads[4]) > 0
@@ -867,8 +973,10 @@ def test_pairwise_similarity_is_the_mean_jaccard_overlap_of_bigram_sets():
 
 
 def test_evaluation_logs_variety_and_a_collapsed_policy_scores_as_one(tinyworld, tmp_path, monkeypatch):
-    """The variety metrics of the tinyworld's SFT policy lie inside their ranges; a policy that gives one response to
-    every prompt has self-similarity 1 and distinct-1 of one token over all the tokens."""
+    """The variety metrics of the tinyworld's SFT policy lie inside their ranges, and are the policy's, not the
+    reference's (a policy that is not its reference: the same variety as when it is its own reference, another than
+    the reference's); a policy that gives one response to every prompt has self-similarity 1 and distinct-1 of one
+    token over all the tokens."""
     import ppo_rlhf as ppo
 
     args = ppo.Args(eval_size=8, batch_size=8, output_dir=str(tmp_path))
@@ -878,6 +986,13 @@ def test_evaluation_logs_variety_and_a_collapsed_policy_scores_as_one(tinyworld,
     record, samples = ppo.evaluate(*models)
     assert 0 < record["eval/distinct_1"] <= 1 and 0 < record["eval/distinct_2"] <= 1
     assert 0 <= record["eval/self_similarity"] < 1
+    with torch.no_grad():
+        policy.get_output_embeddings().weight.mul_(2.0)  # a sharper policy than its reference
+    moved, _ = ppo.evaluate(*models)
+    alone, _ = ppo.evaluate(policy, policy, *models[2:])
+    variety = ["eval/distinct_1", "eval/distinct_2", "eval/self_similarity"]
+    assert [moved[k] for k in variety] == [alone[k] for k in variety] != [record[k] for k in variety]
+    assert moved["eval/kl"] > 0 and alone["eval/kl"] == 0
     monkeypatch.setattr(ppo, "generate", lambda *a: a[1][:, :1] * 0 + 5)  # every response: the one token 5
     record_one, _ = ppo.evaluate(*models)
     assert record_one["eval/self_similarity"] == 1.0 and record_one["eval/distinct_1"] == 1 / 8

@@ -7,7 +7,7 @@ import torch
 
 import ppo_rlhf as ppo
 from tests import enumeration as en
-from tests.helpers import NO_AUTOCAST, TINY, read_jsonl, record_optimizer_steps, run_main, run_script
+from tests.helpers import NO_AUTOCAST, TINY, read_jsonl, record_calls, record_optimizer_steps, run_main, run_script
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +377,8 @@ def test_values_are_read_at_the_state_before_each_token(llama_world):
 
 
 def test_value_loss_weight_scales_only_the_value_models_gradient(llama_world, tmp_path, monkeypatch):
+    """--vf-coef scales the value model's gradient alone. The clip ranges differ (the policy's too wide to clip, the
+    value's too narrow not to): each must reach its own loss, --clip-coef the ratio's, --vf-clip-coef the values'."""
     grads = {}
     for vf_coef in ["0.1", "0.2"]:
         steps = record_optimizer_steps(monkeypatch)
@@ -390,12 +392,18 @@ def test_value_loss_weight_scales_only_the_value_models_gradient(llama_world, tm
             vf_coef,
             "--max-grad-norm",
             "None",
+            "--clip-coef",
+            "100",
+            "--vf-clip-coef",
+            "1e-6",
             "--output-dir",
             str(tmp_path / vf_coef),
             cwd=tmp_path,
         )
         assert code == 0, stderr[-3000:]
         grads[vf_coef] = steps[0]["grads"]
+        train = next(r for r in read_jsonl(tmp_path / vf_coef / "metrics.jsonl") if "ppo/clipfrac" in r)
+        assert train["ppo/clipfrac"] == 0 and train["ppo/value_clipfrac"] > 0.5, train
     from transformers import AutoModelForCausalLM
 
     n_policy = len(
@@ -410,7 +418,10 @@ def test_advantages_are_whitened_so_the_reward_scale_does_not_change_the_policy_
     llama_world, tmp_path, monkeypatch
 ):
     """N details #7: with the rewards (and so the values and advantages) ten times larger, the whitened advantages,
-    and the first policy gradient with them, are the same."""
+    and the first policy gradient with them, are the same. At a temperature that is not 1, the one minibatch is on
+    policy: the update's log-probs are the rollout's, both at --temperature (ratio 1 exactly). GAE gets --gamma and
+    --lam, each in its place (0.9 and 0.6: neither the other nor 1 minus the other; the defaults 1 and 0.95 would hide
+    a swap from the convergence test)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     scaled = tmp_path / "scaled_rm"
@@ -422,30 +433,40 @@ def test_advantages_are_whitened_so_the_reward_scale_does_not_change_the_policy_
     grads = []
     for reward in [llama_world.reward, str(scaled)]:
         steps = record_optimizer_steps(monkeypatch)
-        code, _, stderr = run_main(
-            "ppo_rlhf.py",
-            *llama_world.args(),
-            *TINY,
-            "--reward-model-name",
-            reward,
-            "--kl-coef",
-            "0",
-            "--missing-eos-penalty",
-            "None",
-            "--vf-coef",
-            "0",
-            "--num-ppo-epochs",
-            "1",
-            "--num-minibatches",
-            "1",
-            "--max-grad-norm",
-            "None",
-            "--output-dir",
-            str(tmp_path / f"run{len(grads)}"),
-            cwd=tmp_path,
-        )
+        with record_calls("compute_gae") as calls:
+            code, _, stderr = run_main(
+                "ppo_rlhf.py",
+                *llama_world.args(),
+                *TINY,
+                "--reward-model-name",
+                reward,
+                "--gamma",
+                "0.9",
+                "--lam",
+                "0.6",
+                "--kl-coef",
+                "0",
+                "--missing-eos-penalty",
+                "None",
+                "--vf-coef",
+                "0",
+                "--num-ppo-epochs",
+                "1",
+                "--num-minibatches",
+                "1",
+                "--max-grad-norm",
+                "None",
+                "--temperature",
+                "0.7",
+                "--output-dir",
+                str(tmp_path / f"run{len(grads)}"),
+                cwd=tmp_path,
+            )
         assert code == 0, stderr[-3000:]
+        assert [(c["gamma"], c["lam"]) for c in calls["compute_gae"]] == [(0.9, 0.6)] * 2  # one call per update
         grads.append(steps[0]["grads"])
+        train = next(r for r in read_jsonl(tmp_path / f"run{len(grads) - 1}" / "metrics.jsonl") if "ppo/approxkl" in r)
+        assert train["ppo/approxkl"] < 1e-12 and train["ppo/ratio_mean"] == pytest.approx(1.0, abs=1e-6), train
     policy_grads = [(a, b) for a, b in zip(*grads) if a.abs().sum() > 0]  # the value model's are 0 (vf_coef 0)
     assert policy_grads
     for a, b in policy_grads:

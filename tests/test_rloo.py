@@ -218,6 +218,19 @@ def test_tinyworld_run_with_clipping_and_options(tinyworld, tmp_path):
     assert all(r["rloo/advantage_std"] == pytest.approx(1.0, abs=1e-4) for r in train)  # --normalize-advantage
 
 
+def test_the_update_reads_the_rollouts_log_probs_at_a_temperature_that_is_not_one(worlds, tmp_path):
+    """Two passes with a vanishing learning rate: both are on policy (ratio 1), which holds only if the update's
+    log-probs are at --temperature like the rollout's (at temperature 1 any mix-up of the two would go unseen)."""
+    out = tmp_path / "run"
+    flags = ["--total-episodes", "16", "--num-ppo-epochs", "2", "--learning-rate", "1e-12", "--temperature", "0.7"]
+    code, _, stderr = run_main(
+        "rloo_rlhf.py", *worlds["llama"].args(), *TINY, *flags, "--output-dir", str(out), cwd=tmp_path
+    )
+    assert code == 0, stderr[-3000:]
+    train = next(r for r in read_jsonl(out / "metrics.jsonl") if "rloo/approxkl" in r)
+    assert train["rloo/approxkl"] < 1e-12 and train["rloo/ratio_mean"] == pytest.approx(1.0, abs=1e-6), train
+
+
 def test_logged_policy_loss_is_the_reinforce_loss_not_the_zero_ratio_loss(worlds, tmp_path):
     out = tmp_path / "run"
     code, _, stderr = run_main("rloo_rlhf.py", *worlds["llama"].args(), *TINY, "--output-dir", str(out), cwd=tmp_path)

@@ -6,7 +6,7 @@ import torch
 
 import sac_rlhf as sac
 from tests import enumeration as en
-from tests.helpers import NO_AUTOCAST, TINY, read_jsonl, record_optimizer_steps, run_main, run_script
+from tests.helpers import NO_AUTOCAST, TINY, read_jsonl, record_calls, record_optimizer_steps, run_main, run_script
 
 
 def random_distributions(shape, seed):
@@ -240,15 +240,40 @@ def test_run_with_options_starts_learning_late_then_tunes_alpha(worlds, tmp_path
 
 
 def test_the_entropies_alpha_is_tuned_on_are_the_policys_and_the_references(worlds, tmp_path):
-    """At the first update the minibatch is the rollout itself (buffer = batch = minibatch) and pi = pi_ref, so the
-    policy entropy alpha is tuned on is the rollout's objective/entropy, and the target that times the scale."""
+    """With a buffer of one rollout and one gradient step per update, each step's minibatch is the rollout just sampled
+    by the policy that takes the step, so the policy entropy alpha is tuned on is the rollout's objective/entropy, and
+    the target is the scale times the reference's entropy at those states (computed here from the responses the buffer
+    received). At the first update pi = pi_ref; the second, after a large step, tells the two apart. At a temperature
+    that is not 1, so the update's log-probs must be at --temperature, like the rollout's."""
+    from transformers import AutoModelForCausalLM
+
     out = tmp_path / "run"
-    flags = [*worlds["llama"].args(), *TINY, "--buffer-size", "16", "--updates-per-rollout", "1"]
-    result = run_script("sac_rlhf.py", *flags, "--target-entropy-scale", "0.7", "--output-dir", str(out), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    first = next(r for r in read_jsonl(out / "metrics.jsonl") if "objective/entropy" in r)
-    assert first["sac/policy_entropy"] == pytest.approx(first["objective/entropy"], rel=1e-4)
-    assert first["sac/entropy_target"] == pytest.approx(0.7 * first["objective/entropy"], rel=1e-4)
+    flags = [
+        *worlds["llama"].args(),
+        *TINY,
+        "--buffer-size",
+        "16",
+        "--updates-per-rollout",
+        "1",
+        "--temperature",
+        "0.7",
+    ]
+    flags += ["--learning-rate", "0.2", "--target-entropy-scale", "0.7", "--output-dir", str(out)]
+    with record_calls("add") as calls:
+        code, _, stderr = run_main("sac_rlhf.py", *flags, cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    train = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/entropy" in r]
+    ref = AutoModelForCausalLM.from_pretrained(worlds["llama"].policy, dtype=torch.float32).eval()
+    assert len(train) == len(calls["add"]) == 2
+    for record, added in zip(train, calls["add"]):
+        states = (added["query"], added["query_mask"], added["responses"], added["mask"].long())
+        with torch.no_grad():
+            ref_logp = sac.forward_logp_all(ref, *states, 0.7, NO_AUTOCAST)
+        ref_entropy = sac.masked_mean(-(ref_logp.exp() * ref_logp).sum(-1), added["mask"]).item()
+        assert record["sac/policy_entropy"] == pytest.approx(record["objective/entropy"], rel=1e-4)
+        assert record["sac/entropy_target"] == pytest.approx(0.7 * ref_entropy, rel=1e-4)
+    moved = train[1]["sac/entropy_target"] - 0.7 * train[1]["sac/policy_entropy"]
+    assert abs(moved) > 1e-3 * train[1]["sac/entropy_target"]  # pi != pi_ref at the second update
 
 
 @pytest.mark.parametrize("precision", ["no", "fp16"])
@@ -317,29 +342,56 @@ def test_the_factored_critic_and_its_target_read_the_references_own_output_layer
 
 
 def test_the_target_critic_follows_the_critic_at_rate_tau(worlds, tmp_path, monkeypatch):
-    """One-step targets read the target critic: its Polyak updates change the second critic step's gradient."""
+    """target <- tau * critic + (1 - tau) * target after each critic step, at a rate whose 1 - tau differs (0.25, and 1,
+    where 1 - tau = 0 would leave the target where it started), read from the checkpoint after the first update's one
+    step: the target's RM backbone and score head sit at lerp(RM, critic, tau) (the critic starts as the RM). And
+    one-step targets read the target critic: its rate changes the second critic step's gradient. The targets get
+    --gamma 0.9 (the default 1 would hide 1 - gamma and gamma^n from this test), --n-step and --kl-coef as beta."""
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(worlds["llama"].reward, dtype=torch.float32).state_dict()
     grads = {}
-    for tau in ["1.0", "0.5"]:
+    for tau in ["1.0", "0.25"]:
         steps = record_optimizer_steps(monkeypatch)
-        code, _, stderr = run_main(
-            "sac_rlhf.py",
-            *worlds["llama"].args(),
-            *TINY,
-            "--n-step",
-            "1",
-            "--tau",
-            tau,
-            "--updates-per-rollout",
-            "2",
-            "--output-dir",
-            str(tmp_path / tau),
-            cwd=tmp_path,
-        )
+        out = tmp_path / tau
+        with record_calls("critic_targets") as calls:
+            code, _, stderr = run_main(
+                "sac_rlhf.py",
+                *worlds["llama"].args(),
+                *TINY,
+                "--n-step",
+                "1",
+                "--gamma",
+                "0.9",
+                "--kl-coef",
+                "0.2",
+                "--tau",
+                tau,
+                "--updates-per-rollout",
+                "1",
+                "--save-every",
+                "16",
+                "--no-save-model",
+                "--output-dir",
+                str(out),
+                cwd=tmp_path,
+            )
         assert code == 0, stderr[-3000:]
+        targets = [(c["alpha"], c["beta"], c["gamma"], c["n"]) for c in calls["critic_targets"]]
+        assert targets == [(0.0, 0.2, 0.9, 1)] * 2  # one call per critic step
         critic_steps = [s for s in steps if s["optimizer"] is steps[1]["optimizer"]]  # policy, critic, policy, ...
+        assert len(critic_steps) == 2  # one per update
         grads[tau] = critic_steps[1]["grads"]
+        trained = torch.load(out / "checkpoint.pt", weights_only=True)["trained"]  # after update 1: one Polyak step
+        critic, target = trained["critic"], trained["critic_target"]
+        moved = 0
+        for name, start in rm.items():
+            critic_now = critic[f"model.{name}"]
+            moved += not torch.equal(critic_now, start)
+            torch.testing.assert_close(target[f"model.{name}"], torch.lerp(start, critic_now, float(tau)))
+        assert moved > len(rm) / 2  # the step moved the critic, so a wrong rate would show
     # The first critic steps are alike (target = critic at the start); after one Polyak update they differ.
-    assert any(not torch.allclose(a, b) for a, b in zip(grads["1.0"], grads["0.5"]))
+    assert any(not torch.allclose(a, b) for a, b in zip(grads["1.0"], grads["0.25"]))
 
 
 def test_critic_loss_sums_both_heads_squared_errors_on_the_taken_tokens():

@@ -146,8 +146,11 @@ def test_an_interrupted_run_resumed_writes_the_same_records_and_policy(script, t
 
 def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
     """Under torchrun the checkpoint holds every rank's sampling generator and SAC buffer: an interrupted two-process
-    run resumed with two processes writes the same records as one never stopped; with one process it is refused."""
+    run resumed with two processes writes the same records as one never stopped; with one process it is refused.
+    Minibatches (48) larger than a rollout (32): learning starts once the buffer holds one, counted over both ranks
+    (each samples its share, 24, from its own 32)."""
     flags = [*SMALL, "--total-episodes", "256", "--eval-every", "128", "--save-every", "64", "--buffer-size", "64"]
+    flags += ["--minibatch-size", "48"]
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     assert torchrun(2, str(REPO / "sac_rlhf.py"), *flags, "--output-dir", full, cwd=tmp_path).returncode == 0
     evals = [r["eval/scores"] for r in read_jsonl(full / "metrics.jsonl") if "eval/scores" in r]
