@@ -631,11 +631,13 @@ def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, t
     assert rates[0] == pytest.approx([1e-3 * f for f in factors for _ in range(per_update)])
     if script == "sac_rlhf.py":  # the critic's and alpha's rates decay alongside, from --q-learning-rate
         assert len(optimizers) == 3 and rates[1] == rates[2] == pytest.approx([3 * x for x in rates[0]])
-    # Each batch_stats call reads one rollout's policy log-probs as logprobs and its reference's as ref_logprobs.
+    # Each batch_stats call reads one rollout's policy log-probs as logprobs, its reference's as ref_logprobs, and its
+    # scores (not RLOO's rewards, the scores minus the KL penalty: the same at the first update, where the KL is 0).
     rollouts = [call["return"] for call in calls["rollout"]]  # responses, mask, has_eos, logprobs, ref_logprobs, ...
     assert len(calls["batch_stats"]) == 4 + 5
     for call in calls["batch_stats"]:
-        assert any(call["logprobs"] is r[3] and call["ref_logprobs"] is r[4] for r in rollouts)
+        read = (call["logprobs"], call["ref_logprobs"], call["scores"])
+        assert any(all(a is b for a, b in zip(read, (r[3], r[4], r[6]))) for r in rollouts)
     kl_losses = calls["token_kl_loss"] + calls["sequence_kl_loss"]  # PPO's, RLOO's (with kl_coef 0 in the reward)
     assert len(kl_losses) == (0 if script == "sac_rlhf.py" else 4 * per_update)
     assert all(c["logprobs"].requires_grad and not c["ref_logprobs"].requires_grad for c in kl_losses)
@@ -643,13 +645,13 @@ def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, t
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_reference_reset_copies_the_policy(script, llama, tmp_path):
-    """--ref-sync-mix 1 copies the policy into the reference; a mix that is neither 1 nor 1/2 (0.25) moves the reference
-    that far towards the policy, no further (read from the checkpoint), and leaves the policy alone. Every 2 updates,
-    not 1 (where "every update" would give the same)."""
+    """--ref-sync-mix 1 copies the policy into the reference (here after every update); a mix that is neither 1 nor 1/2
+    (0.25) moves the reference that far towards the policy, no further, and leaves the policy alone (read from the
+    checkpoint), every 2 updates (not after every one, as a sync every update would)."""
     from transformers import AutoModelForCausalLM
 
     out = {}
-    for mix in ["1.0", "0.25"]:
+    for mix, every in [("1.0", "1"), ("0.25", "2")]:
         out[mix] = tmp_path / f"mix{mix}"
         code, _, stderr = run_main(
             script,
@@ -660,7 +662,7 @@ def test_reference_reset_copies_the_policy(script, llama, tmp_path):
             "--learning-rate",
             "1e-2",
             "--ref-sync-every",
-            "2",
+            every,
             "--ref-sync-mix",
             mix,
             "--save-every",
@@ -672,12 +674,13 @@ def test_reference_reset_copies_the_policy(script, llama, tmp_path):
         )
         assert code == 0, stderr[-3000:]
     synced, mixed = read_jsonl(out["1.0"] / "metrics.jsonl"), read_jsonl(out["0.25"] / "metrics.jsonl")
-    # After update 2 the reference is set to the policy: the evaluation right after it, and the next rollout, see no KL
-    # at all; after update 1 (no reset yet) and with a partial reset both do.
+    # After each update the reference is set to the policy: the evaluation right after it, and the next rollout, see
+    # no KL at all; after update 1 (no reset yet) and after a partial reset both do.
     evals, train = [r for r in synced if "eval/kl" in r], [r for r in synced if "objective/kl" in r]
-    assert [r["episode"] for r in evals] == [0, 16, 32, 48] and evals[1]["eval/kl"] != 0.0 and train[1]["objective/kl"]
-    assert evals[2]["eval/kl"] == 0.0 and train[2]["objective/kl"] == 0.0
-    assert [r for r in mixed if "eval/kl" in r][2]["eval/kl"] != 0.0
+    assert [r["episode"] for r in evals] == [0, 16, 32, 48]
+    assert [r["eval/kl"] for r in evals[1:]] == [0.0] * 3 and [r["objective/kl"] for r in train] == [0.0] * 3
+    evals = [r for r in mixed if "eval/kl" in r]
+    assert evals[1]["eval/kl"] != 0.0 and evals[2]["eval/kl"] != 0.0
     start = AutoModelForCausalLM.from_pretrained(llama.policy, dtype=torch.float32).state_dict()
     trained = torch.load(out["0.25"] / "checkpoint.pt", weights_only=True)["trained"]  # after update 2's reset
     policy, ref = trained["policy"], trained["ref_policy"]
@@ -765,6 +768,7 @@ def test_evaluation_over_several_batches_is_the_mean_over_every_prompt(script, l
         gold = [s["gold_score"] for s in samples if s["episode"] == r["episode"]]
         assert r["eval/gold_scores"] == pytest.approx(sum(gold) / 6)
         assert gold == pytest.approx([-2 * s for s in scores], rel=1e-5, abs=1e-6)  # the gold RM's, on the same text
+        assert len({s["response"] for s in samples if s["episode"] == r["episode"]}) > 1  # each prompt's own
     assert min(abs(s["score"]) for s in samples) > 1e-3  # so gold = proxy would fail the line above
 
 
@@ -803,6 +807,17 @@ def test_batch_stats_sum_the_log_ratio_over_real_tokens():
     assert stats["kl"] == pytest.approx((0.0 + 2.5) / 2) and stats["scores"] == pytest.approx(1.5)
     assert stats["entropy"] == pytest.approx((1 + 3 + 2 + 2 + 2) / 5) and stats["response_length"] == pytest.approx(2.5)
     assert stats["eos_rate"] == pytest.approx(0.5)
+
+
+def test_masked_mean_is_the_mean_over_real_tokens_even_one_or_none():
+    """Over every real token of the batch, however many rows hold them; one real token is its own mean (a minibatch of
+    one short response), and no real token gives 0, not a division by zero."""
+    import ppo_rlhf as ppo
+
+    x = torch.tensor([[1.0, 2.0, 30.0], [4.0, 50.0, 60.0]])
+    assert ppo.masked_mean(x, torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])).item() == pytest.approx(7 / 3)
+    assert ppo.masked_mean(x, torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])).item() == 4.0
+    assert ppo.masked_mean(x, torch.zeros(2, 3)).item() == 0.0
 
 
 @pytest.mark.parametrize("module", ["ppo_rlhf", "rloo_rlhf"])

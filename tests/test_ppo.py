@@ -378,32 +378,50 @@ def test_values_are_read_at_the_state_before_each_token(llama_world):
 
 def test_value_loss_weight_scales_only_the_value_models_gradient(llama_world, tmp_path, monkeypatch):
     """--vf-coef scales the value model's gradient alone. The clip ranges differ (the policy's too wide to clip, the
-    value's too narrow not to): each must reach its own loss, --clip-coef the ratio's, --vf-clip-coef the values'."""
+    value's too narrow not to): each must reach its own loss, --clip-coef the ratio's, --vf-clip-coef the values'.
+    With --whiten-rewards, GAE gets rewards of unit variance over the real tokens, their mean kept. The logged update
+    statistics are the means over the 16 minibatches, and ppo/explained_variance is 1 - Var(R - V) / Var(R)."""
     grads = {}
     for vf_coef in ["0.1", "0.2"]:
         steps = record_optimizer_steps(monkeypatch)
-        code, _, stderr = run_main(
-            "ppo_rlhf.py",
-            *llama_world.args(),
-            *TINY,
-            "--total-episodes",
-            "16",
-            "--vf-coef",
-            vf_coef,
-            "--max-grad-norm",
-            "None",
-            "--clip-coef",
-            "100",
-            "--vf-clip-coef",
-            "1e-6",
-            "--output-dir",
-            str(tmp_path / vf_coef),
-            cwd=tmp_path,
-        )
+        with record_calls("compute_gae", "ppo_policy_loss", "ppo_value_loss") as calls:
+            code, _, stderr = run_main(
+                "ppo_rlhf.py",
+                *llama_world.args(),
+                *TINY,
+                "--total-episodes",
+                "16",
+                "--vf-coef",
+                vf_coef,
+                "--max-grad-norm",
+                "None",
+                "--clip-coef",
+                "100",
+                "--vf-clip-coef",
+                "1e-6",
+                "--whiten-rewards",
+                "--output-dir",
+                str(tmp_path / vf_coef),
+                cwd=tmp_path,
+            )
         assert code == 0, stderr[-3000:]
+        assert len(calls["compute_gae"]) == 1  # one update
+        for call in calls["compute_gae"]:
+            rewards, mask = call["rewards"], call["mask"]
+            assert ppo.masked_var(rewards, mask).item() == pytest.approx(1.0, rel=1e-4)
+            assert abs(ppo.masked_mean(rewards, mask).item()) > 1e-3  # not shifted to 0
         grads[vf_coef] = steps[0]["grads"]
         train = next(r for r in read_jsonl(tmp_path / vf_coef / "metrics.jsonl") if "ppo/clipfrac" in r)
         assert train["ppo/clipfrac"] == 0 and train["ppo/value_clipfrac"] > 0.5, train
+        minibatches = [c["return"][1] for c in calls["ppo_policy_loss"] + calls["ppo_value_loss"]]  # their stats
+        assert len(minibatches) == 2 * 16
+        for key in ["ppo/approxkl", "ppo/ratio_mean", "ppo/value_clipfrac"]:
+            values = [stats[key] for stats in minibatches if key in stats]
+            assert len(values) == 16 and train[key] == pytest.approx(sum(values) / 16, rel=1e-6)
+        gae = calls["compute_gae"][0]
+        returns, values, mask = gae["return"][1], gae["values"], gae["mask"]
+        explained = 1 - ppo.masked_var(returns - values, mask) / ppo.masked_var(returns, mask)
+        assert train["ppo/explained_variance"] == pytest.approx(explained.item(), rel=1e-5)
     from transformers import AutoModelForCausalLM
 
     n_policy = len(
@@ -433,7 +451,7 @@ def test_advantages_are_whitened_so_the_reward_scale_does_not_change_the_policy_
     grads = []
     for reward in [llama_world.reward, str(scaled)]:
         steps = record_optimizer_steps(monkeypatch)
-        with record_calls("compute_gae") as calls:
+        with record_calls("compute_gae", "ppo_policy_loss", "ppo_value_loss") as calls:
             code, _, stderr = run_main(
                 "ppo_rlhf.py",
                 *llama_world.args(),

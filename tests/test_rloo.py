@@ -8,7 +8,7 @@ import torch
 
 import rloo_rlhf as rloo
 from tests import enumeration as en
-from tests.helpers import TINY, read_jsonl, record_optimizer_steps, run_main, run_script
+from tests.helpers import TINY, read_jsonl, record_calls, record_optimizer_steps, run_main, run_script
 
 BETA = 0.7
 
@@ -231,6 +231,23 @@ def test_the_update_reads_the_rollouts_log_probs_at_a_temperature_that_is_not_on
     assert train["rloo/approxkl"] < 1e-12 and train["rloo/ratio_mean"] == pytest.approx(1.0, abs=1e-6), train
 
 
+def test_with_the_kl_in_the_loss_each_step_minimises_the_policy_loss_plus_the_kl_loss(worlds, tmp_path):
+    """--kl-in loss: the loss of each step is the policy loss plus the KL loss. The KL loss is 0 with the KL in the
+    reward (the default) and at the first step (pi = pi_ref), where its sign could not show: two updates, k3 (> 0)."""
+    out = tmp_path / "run"
+    flags = ["--kl-in", "loss", "--kl-estimator", "k3", "--kl-coef", "0.5", "--learning-rate", "1e-2"]
+    with record_calls("check_finite", "rloo_policy_loss", "sequence_kl_loss") as calls:
+        code, _, stderr = run_main(
+            "rloo_rlhf.py", *worlds["llama"].args(), *TINY, *flags, "--output-dir", str(out), cwd=tmp_path
+        )
+    assert code == 0, stderr[-3000:]
+    losses = [call["loss"].item() for call in calls["check_finite"]]
+    policy_losses = [call["return"][0].item() for call in calls["rloo_policy_loss"]]
+    kl_losses = [call["return"].item() for call in calls["sequence_kl_loss"]]
+    assert len(losses) == len(policy_losses) == len(kl_losses) == 2 and kl_losses[1] > 1e-6
+    assert losses == pytest.approx([p + k for p, k in zip(policy_losses, kl_losses)], rel=1e-6, abs=1e-9)
+
+
 def test_logged_policy_loss_is_the_reinforce_loss_not_the_zero_ratio_loss(worlds, tmp_path):
     out = tmp_path / "run"
     code, _, stderr = run_main("rloo_rlhf.py", *worlds["llama"].args(), *TINY, "--output-dir", str(out), cwd=tmp_path)
@@ -238,6 +255,8 @@ def test_logged_policy_loss_is_the_reinforce_loss_not_the_zero_ratio_loss(worlds
     train = [r for r in read_jsonl(out / "metrics.jsonl") if "loss/policy" in r]
     # The ratio loss is 0 up to rounding on a first pass (its advantages sum to 0 per prompt); this one is not.
     assert all(abs(r["loss/policy"]) > 1e-3 for r in train)
+    # The mean leave-one-out baseline is the mean reward: at the first update (KL 0) the mean score.
+    assert train[0]["rloo/baseline_mean"] == pytest.approx(train[0]["objective/scores"], rel=1e-5, abs=1e-6)
     assert not any("rloo/clipfrac" in r for r in train)  # one pass: the ratio is 1, its statistics are not logged
 
 

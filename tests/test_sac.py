@@ -6,7 +6,7 @@ import torch
 
 import sac_rlhf as sac
 from tests import enumeration as en
-from tests.helpers import NO_AUTOCAST, TINY, read_jsonl, record_calls, record_optimizer_steps, run_main, run_script
+from tests.helpers import NO_AUTOCAST, TINY, read_jsonl, record_calls, record_optimizer_steps, run_main
 
 
 def random_distributions(shape, seed):
@@ -208,35 +208,41 @@ def test_factored_advantage_is_the_unit_token_vector_times_a_state_vector_and_it
 # ---------------------------------------------------------------------------------------------
 def test_run_with_options_starts_learning_late_then_tunes_alpha(worlds, tmp_path):
     """--learning-starts delays the updates (no update statistics logged until then); a target entropy far above the
-    policy's raises alpha; n-step targets, minibatches and reference resets run."""
+    policy's raises alpha; n-step targets, minibatches and reference resets run. An update's statistics are the means
+    over its 4 gradient steps (with one step per update a sum would read the same)."""
     out = tmp_path / "run"
-    result = run_script(
-        "sac_rlhf.py",
-        *worlds["llama"].args(),
-        *TINY,
-        "--learning-starts",
-        "32",
-        "--n-step",
-        "3",
-        "--minibatch-size",
-        "8",
-        "--target-entropy-scale",
-        "10",
-        "--autotune",
-        "--alpha",
-        "0.1",
-        "--ref-sync-every",
-        "1",
-        "--output-dir",
-        str(out),
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    with record_calls("critic_loss") as calls:
+        code, _, stderr = run_main(
+            "sac_rlhf.py",
+            *worlds["llama"].args(),
+            *TINY,
+            "--learning-starts",
+            "32",
+            "--n-step",
+            "3",
+            "--minibatch-size",
+            "8",
+            "--target-entropy-scale",
+            "10",
+            "--autotune",
+            "--alpha",
+            "0.1",
+            "--ref-sync-every",
+            "1",
+            "--output-dir",
+            str(out),
+            cwd=tmp_path,
+        )
+    assert code == 0, stderr[-3000:]
     train = [r for r in read_jsonl(out / "metrics.jsonl") if "objective/scores" in r]
     assert [r["sac/buffer_size"] for r in train] == [16, 32]
     assert "loss/q" not in train[0] and train[0]["sac/alpha"] == pytest.approx(0.1)
     assert train[1]["loss/q"] > 0 and train[1]["sac/alpha"] > 0.1  # entropy below target: alpha goes up
     assert train[1]["sac/entropy_target"] > train[1]["sac/policy_entropy"]
+    steps = [call["return"][1] for call in calls["critic_loss"]]  # each step's statistics
+    assert len(steps) == 4 and len({s["loss/q"] for s in steps}) == 4
+    for key in ["loss/q", "sac/q_mean"]:
+        assert train[1][key] == pytest.approx(sum(s[key] for s in steps) / 4, rel=1e-6)
 
 
 def test_the_entropies_alpha_is_tuned_on_are_the_policys_and_the_references(worlds, tmp_path):

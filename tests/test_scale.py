@@ -142,6 +142,10 @@ def test_an_interrupted_run_resumed_writes_the_same_records_and_policy(script, t
     assert read_jsonl(stopped / "samples.jsonl") == read_jsonl(full / "samples.jsonl")
     for name, weight in policy_weights(full).items():
         assert torch.equal(policy_weights(stopped)[name], weight), name
+    train = [r for r in read_jsonl(stopped / "metrics.jsonl") if "update" in r]
+    for key in ["time/rollout_s", "time/update_s", "time/elapsed_s"]:  # the clocks go on from the checkpoint's
+        times = [r[key] for r in train]
+        assert times == sorted(times) and 0 < times[-1] < 600, (key, times)
 
 
 def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
@@ -155,6 +159,8 @@ def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
     assert torchrun(2, str(REPO / "sac_rlhf.py"), *flags, "--output-dir", full, cwd=tmp_path).returncode == 0
     evals = [r["eval/scores"] for r in read_jsonl(full / "metrics.jsonl") if "eval/scores" in r]
     assert evals[-1] > evals[0] + 0.2  # it learns
+    sizes = [r["sac/buffer_size"] for r in read_jsonl(full / "metrics.jsonl") if "update" in r]
+    assert sizes[:3] == [32, 64, 64]  # both ranks' responses
     interrupt_after_first_checkpoint(
         torchrun_command(2, REPO / "sac_rlhf.py", *flags, "--output-dir", stopped), stopped
     )
