@@ -16,11 +16,11 @@ https://arxiv.org/abs/1512.08562); dueling heads (Wang et al. 2016, https://arxi
 https://arxiv.org/abs/2403.17031. Style: CleanRL (one file, the algorithm first, a flat loop); flags: docs/usage.md.
 
 Usage: python sac_rlhf.py --help   (defaults train on the built-in offline tinyworld in a few minutes)
+One process on one device; sac_rlhf_multigpu.py is its twin for many GPUs (torchrun, checkpoints, memory flags).
 """
 
 import contextlib
 import copy
-import dataclasses
 import importlib.util
 import itertools
 import json
@@ -38,7 +38,6 @@ import transformers
 import tyro
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 transformers.utils.logging.disable_progress_bar()  # keep the output to our own progress bar
 
@@ -77,10 +76,6 @@ class Args:
     output_dir: str | None = None  # run folder; default runs/<run_name> (a new folder for every run)
     overwrite_output_dir: bool = False  # replace the run in --output-dir (its records and model are deleted first)
     save_model: bool = True  # save the final policy and tokenizer to <output-dir>/model
-    save_every: int = 0  # write a resumable checkpoint every N episodes (0 = never); see --resume
-    resume: bool = False  # continue the run in --output-dir from its last checkpoint, with the flags in its args.json
-    gradient_checkpointing: bool = False  # recompute layer activations in the backward pass instead of keeping them
-    rollout_micro_batch_size: int | None = None  # rows per no-grad forward pass (rollouts, evaluation); None = all
 
     # Algorithm specific arguments
     alpha: float = 0.0  # the entropy coefficient (the initial one with --autotune); 0 = no entropy term
@@ -158,12 +153,6 @@ class ReplayBuffer(list):
             self[self.next : self.next + 1] = [item]  # append until full, then overwrite the oldest
             self.next = (self.next + 1) % self.capacity
 
-    def state_dict(self):  # for checkpoints
-        return {"items": list(self), "next": self.next}
-
-    def load_state_dict(self, state):
-        self[:], self.next = state["items"], state["next"]
-
     def sample(self, n, pad_id, device):
         """n distinct responses, uniformly: left-padded prompts, right-padded responses, mask and scores."""
         items = random.sample(self, n)
@@ -236,7 +225,7 @@ def generate(model, query, query_mask, args, eos_id, generator, autocast):
         cache = out.past_key_values
         probs = torch.softmax(out.logits[:, -1].float() / args.temperature, dim=-1)  # [batch, vocab]
         if not torch.isfinite(probs).all():  # say so rather than sample garbage
-            fail("the policy's next-token probabilities are not finite; nothing saved: lower --learning-rate", True)
+            fail("the policy's next-token probabilities are not finite; nothing saved: lower --learning-rate")
         next_token = torch.multinomial(probs, 1, generator=generator)  # [batch, 1]
         tokens.append(next_token)
         ended |= next_token[:, 0] == eos_id
@@ -303,43 +292,9 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def chunked(size, fn, *inputs):
-    """fn(*inputs) on successive slices of `size` rows (all rows at once if None), concatenated: the same numbers with
-    the memory of one slice (--rollout-micro-batch-size). Tensor inputs are sliced; the others (a model) pass whole."""
-    rows = next(x for x in inputs if isinstance(x, torch.Tensor)).shape[0]
-    size = size or rows
-    outputs = [
-        fn(*(x[i : i + size] if isinstance(x, torch.Tensor) else x for x in inputs)) for i in range(0, rows, size)
-    ]
-    if isinstance(outputs[0], torch.Tensor):
-        return torch.cat(outputs)
-    return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
-
-
-def all_gather(x):
-    """The global batch under torchrun: every rank's rows of x, in rank order (x itself in a one-process run)."""
-    if not torch.distributed.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def mean_over_ranks(x):
-    """x averaged over the ranks under torchrun (x itself in a one-process run)."""
-    if torch.distributed.is_initialized():
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        x /= torch.distributed.get_world_size()
-    return x
-
-
-def global_masked_mean(x, mask):
-    """masked_mean over every rank's real tokens (the same as masked_mean in a one-process run)."""
-    sums = torch.stack([(x * mask).sum(), mask.sum()])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-    return sums[0] / sums[1].clamp(min=1)
+def whole_batch_mean(x, mask):
+    """masked_mean over the whole rollout batch (one process holds it here; the _multigpu twin's spans the ranks)."""
+    return masked_mean(x, mask)
 
 
 @torch.no_grad()
@@ -348,42 +303,33 @@ def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, p
     (float), has_eos, log-probs, reference log-probs, entropy ([batch, time] each but has_eos) and scores [batch]."""
     raw = generate(policy, query, query_mask, args, eos_id, generator, autocast)
     mask, responses, has_eos = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
-    rows, size = (query, query_mask, responses, mask), args.rollout_micro_batch_size
-    logprobs, entropy = chunked(size, forward_logprobs, policy, *rows, args.temperature, autocast)
-    ref_logprobs, _ = chunked(size, forward_logprobs, ref_policy, *rows, args.temperature, autocast)
-    scores = chunked(size, get_scores, reward_model, *rows, autocast)
+    rows = (query, query_mask, responses, mask)
+    logprobs, entropy = forward_logprobs(policy, *rows, args.temperature, autocast)
+    ref_logprobs, _ = forward_logprobs(ref_policy, *rows, args.temperature, autocast)
+    scores = get_scores(reward_model, *rows, autocast)
     if args.missing_eos_penalty is not None:  # the "EOS trick" (N+ sec. 7): responses must end
         scores = scores - args.missing_eos_penalty * (~has_eos).float()
     return responses, mask.float(), has_eos, logprobs, ref_logprobs, entropy, scores
 
 
-def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=False):
+def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos):
     """The common metrics of a batch of responses (docs/usage.md, "Metrics"): objective/scores, objective/kl,
-    objective/entropy, objective/response_length, objective/eos_rate in training records, eval/... in evaluations.
-    With gather, of the global batch (every rank's responses under torchrun)."""
+    objective/entropy, objective/response_length, objective/eos_rate in training records, eval/... in evaluations."""
     kl = ((logprobs - ref_logprobs) * mask).sum(1)  # [batch] sequence-level k1 on the sampled tokens
-    n = torch.tensor(float(len(scores)), device=scores.device)
-    totals = torch.stack([scores.sum(), kl.sum(), (entropy * mask).sum(), mask.sum(), has_eos.float().sum(), n])
-    if gather and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
-    scores, kl, entropy, tokens, eos, n = totals
-    stats = {"scores": scores / n, "kl": kl / n, "entropy": entropy / tokens.clamp(min=1)}  # entropy per token
-    stats |= {"response_length": tokens / n, "eos_rate": eos / n}
+    n, tokens = len(scores), mask.sum()
+    stats = {"scores": scores.sum() / n, "kl": kl.sum() / n, "entropy": (entropy * mask).sum() / tokens.clamp(min=1)}
+    stats |= {"response_length": tokens / n, "eos_rate": has_eos.float().sum() / n}  # (the entropy is per token)
     return {k: v.item() for k, v in stats.items()}
 
 
 # ============ MAIN: setup, models, then the training loop (it reads as the papers' pseudocode) ============
 def main():
-    args = parse_args()
+    args = tyro.cli(Args)
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    rank, world_size = setup_distributed(args)
-    check_args(args, ALGO_RANGES, world_size)
+    check_args(args, ALGO_RANGES)
     minibatch_size = args.minibatch_size or args.batch_size
     if args.buffer_size < max(args.batch_size, minibatch_size):
         fail(f"--buffer-size {args.buffer_size} must hold a rollout (--batch-size) and a minibatch (--minibatch-size)")
-    if args.buffer_size % world_size or minibatch_size % world_size:  # each rank holds and samples its share
-        fail(f"--buffer-size and --minibatch-size must be multiples of the number of processes ({world_size})")
-    local_minibatch_size = minibatch_size // world_size  # each rank samples its share of every minibatch
     if args.autotune and args.alpha == 0:
         fail("--alpha must be > 0 with --autotune, where it is the initial value (--alpha 0 --no-autotune: no entropy)")
     if args.learning_starts > args.total_episodes:
@@ -400,9 +346,6 @@ def main():
     tokens = ref_policy.get_output_embeddings().weight.detach()  # [vocab (maybe > len(tokenizer)), d], pi_ref's storage
     critic = SoftQNetwork(reward_copy, len(tokens), tokens if args.critic == "factored" else None).to(device).eval()
     critic_target = copy.deepcopy(critic, memo={id(tokens): tokens}).requires_grad_(False)  # one copy of tokens
-    if args.gradient_checkpointing:  # after the copy: the target's layers must keep their own forward
-        enable_gradient_checkpointing(policy)
-        enable_gradient_checkpointing(critic)
     params, q_params = list(policy.parameters()), list(critic.parameters())
     # Same optimizer settings as the other scripts; no weight decay, so the KL-regularised optimum stays the optimum.
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
@@ -410,34 +353,21 @@ def main():
     # alpha = exp(log_alpha) stays positive while tuned; with --no-autotune it is the constant --alpha (maybe 0).
     log_alpha = torch.tensor(float(args.alpha), device=device).clamp(min=1e-30).log().requires_grad_(args.autotune)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_learning_rate)  # steps only with --autotune
+    # (optimizer, the parameters it clips): alpha's gradient comes from the same scaled backward, never clipped.
     optimizers = [(optimizer, params), (q_optimizer, q_params)] + ([(alpha_optimizer, [])] if args.autotune else [])
     # fp16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    logger = RunLogger(args, run_name, rank)
-    generator = torch.Generator(device=device).manual_seed(args.seed + 100_000 * rank)  # each rank's sampling seed
+    logger = RunLogger(args, run_name)
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # the sampling seed
     num_updates = args.total_episodes // args.batch_size
-    buffer = ReplayBuffer(args.buffer_size // world_size)  # each rank's share of the responses
-    episode, next_eval, order = 0, args.eval_every, []
+    # The loop's state: the replay buffer, episodes so far, the next evaluation, the prompt stream, the time spent.
+    buffer, episode, next_eval, order = ReplayBuffer(args.buffer_size), 0, args.eval_every, []
     time_rollout = time_update = 0.0
     start_time = time.time()
     eval_models = (policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast)
-    # What a checkpoint keeps (--save-every): the trained state, and each rank's sampling generator and buffer.
-    trained = {"policy": policy, "critic": critic, "critic_target": critic_target, "log_alpha": log_alpha}
-    trained |= {
-        "optimizer": optimizer,
-        "q_optimizer": q_optimizer,
-        "alpha_optimizer": alpha_optimizer,
-        "scaler": scaler,
-    }
-    trained |= {"ref_policy": ref_policy} if args.ref_sync_every else {}
-    if args.resume:  # the run goes on from its last checkpoint exactly as if it had never stopped
-        loop = logger.resume(trained, {"generator": generator, "buffer": buffer})
-        episode, next_eval, order = loop["episode"], loop["next_eval"], loop["order"]
-        time_rollout, time_update, start_time = loop["time_rollout"], loop["time_update"], time.time() - loop["elapsed"]
-    else:
-        logger.log_eval(0, *evaluate(*eval_models))
+    logger.log_eval(0, *evaluate(*eval_models))
 
-    for update in range(episode // args.batch_size + 1, num_updates + 1):
+    for update in range(1, num_updates + 1):
         # Linear learning-rate decay to 0 over the run, as in the PPO script (the critic's and alpha's alongside).
         lr = args.learning_rate * (1.0 - (update - 1.0) / num_updates)
         optimizer.param_groups[0]["lr"] = lr
@@ -446,7 +376,7 @@ def main():
 
         # ROLLOUT: a batch of prompts (reshuffled each pass over the data), one response each, into the buffer.
         t0 = time.time()
-        batch = next_prompt_indices(order, args.batch_size, len(train_ids))[rank::world_size]  # this rank's share
+        batch = next_prompt_indices(order, args.batch_size, len(train_ids))
         query, query_mask = left_pad([train_ids[i] for i in batch], pad_id, device)  # [batch, prompt]
         responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
             policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
@@ -459,22 +389,16 @@ def main():
         # SAC UPDATE: gradient steps on minibatches of whole responses from the buffer, once it holds enough.
         t0 = time.time()
         stats = []
-        num_steps = (
-            args.updates_per_rollout if len(buffer) * world_size >= max(args.learning_starts, minibatch_size) else 0
-        )
+        num_steps = args.updates_per_rollout if len(buffer) >= max(args.learning_starts, minibatch_size) else 0
         for _ in range(num_steps):
-            mb_query, mb_query_mask, mb_responses, mb_mask, mb_scores = buffer.sample(
-                local_minibatch_size, pad_id, device
-            )
+            mb_query, mb_query_mask, mb_responses, mb_mask, mb_scores = buffer.sample(minibatch_size, pad_id, device)
             states = (mb_query, mb_query_mask, mb_responses, mb_mask.long())  # every prefix of the responses
             alpha = log_alpha.exp().item() if args.autotune else args.alpha
             logp = forward_logp_all(policy, *states, args.temperature, autocast)  # [batch, time, vocab]
             q_all = critic(*states, autocast)  # [batch, time, 2, vocab]
             with torch.no_grad():
-                ref_logp = chunked(
-                    args.rollout_micro_batch_size, forward_logp_all, ref_policy, *states, args.temperature, autocast
-                )
-                q_target = chunked(args.rollout_micro_batch_size, critic_target, *states, autocast)
+                ref_logp = forward_logp_all(ref_policy, *states, args.temperature, autocast)
+                q_target = critic_target(*states, autocast)
             targets = critic_targets(
                 q_target, logp.detach(), ref_logp, mb_scores, mb_mask, alpha, args.kl_coef, args.gamma, args.n_step
             )
@@ -489,16 +413,8 @@ def main():
             alpha_loss = log_alpha.exp() * (policy_entropy - entropy_target) if args.autotune else torch.zeros(())
             loss = q_loss + policy_loss + alpha_loss  # disjoint parameters: one backward serves all three
             check_finite(loss, update)
-            # Each rank's token means weighted by its share of the tokens: the ranks' mean gradient is the minibatch's.
-            scaler.scale(loss * (mb_mask.sum() / mean_over_ranks(mb_mask.sum()))).backward()
-            average_gradients(q_params + params + [log_alpha])
-            for opt, opt_params in optimizers:  # alpha's gradient came through the same scaled backward; never clipped
-                if args.max_grad_norm is not None:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(opt_params, args.max_grad_norm)
-                scaler.step(opt)  # unscales what is still scaled, and skips the step when a gradient is inf or NaN
-                opt.zero_grad(set_to_none=True)
-            scaler.update()
+            scaler.scale(loss).backward()
+            optimizer_step(optimizers, scaler, args.max_grad_norm)
             lerp_parameters(critic_target, critic, args.tau)  # Polyak averaging (Haarnoja et al. 2018)
             stats.append({"loss/policy": policy_loss.item(), "loss/alpha": alpha_loss.item(), **q_stats})
             stats[-1] |= {"sac/policy_entropy": policy_entropy.item(), "sac/entropy_target": entropy_target.item()}
@@ -507,8 +423,8 @@ def main():
         # LOGGING: the common keys, the means of the update's statistics (none before learning starts), alpha.
         stats = {k: sum(s[k] for s in stats) / len(stats) for k in (stats[0] if stats else {})}
         stats |= {"sac/alpha": log_alpha.exp().item() if args.autotune else args.alpha}
-        stats["sac/buffer_size"] = len(buffer) * world_size
-        objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=True)
+        stats["sac/buffer_size"] = len(buffer)
+        objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)
         logger.log_train(episode, update, lr, args.kl_coef, objective, start_time, time_rollout, time_update, stats)
 
         if args.ref_sync_every > 0 and update % args.ref_sync_every == 0:
@@ -519,66 +435,28 @@ def main():
             next_eval += args.eval_every
             logger.log_eval(episode, *evaluate(*eval_models))
 
-        # CHECKPOINT, when a multiple of --save-every episodes was passed in this update.
-        if args.save_every and episode % args.save_every < args.batch_size and update < num_updates:
-            loop = {"episode": episode, "next_eval": next_eval, "order": order}
-            loop |= {"time_rollout": time_rollout, "time_update": time_update, "elapsed": time.time() - start_time}
-            logger.save_checkpoint(trained, {"generator": generator, "buffer": buffer}, loop)
-
     logger.finish(policy, tokenizer, start_time)
 
 
 # === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
-def fail(message, every_rank=False):
-    """Stop with one line that names the flag and the fix (no traceback). Under torchrun every rank finds a bad flag and
-    rank 0 alone says it; what one rank can meet alone (a NaN in its share) is said by every rank that meets it."""
+def fail(message):
+    """Stop with one line that names the flag and the fix (no traceback)."""
     for bar in list(tqdm._instances):  # end the progress bar's line first, so the message starts its own
         bar.close()
-    raise SystemExit(f"error: {message}" if every_rank or os.environ.get("RANK", "0") == "0" else 1)
+    raise SystemExit(f"error: {message}")
 
 
 COMMON_RANGES = {  # the allowed interval of each numeric flag; values must be finite, and a None flag may be None
     "[1, inf)": ["max_prompt_length", "response_length", "total_episodes", "batch_size", "eval_every", "eval_size"],
     "(0, inf)": ["temperature", "learning_rate"],
-    "[0, inf)": ["missing_eos_penalty", "kl_coef", "ref_sync_every", "save_every"],
+    "[0, inf)": ["missing_eos_penalty", "kl_coef", "ref_sync_every"],
     "(0, 1]": ["ref_sync_mix"],
 }
-COMMON_RANGES["[1, inf)"].append("rollout_micro_batch_size")
 RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "model.tmp", "INCOMPLETE"}
-RUN_FILES |= {"checkpoint.pt", "checkpoint.pt.tmp"}
-# Flags a resumed run may change: where and how it runs and logs, not what it computes.
-RESUMABLE = {"resume", "save_every", "output_dir", "overwrite_output_dir", "exp_name", "cuda", "mixed_precision"}
-RESUMABLE |= {"track", "wandb_project_name", "wandb_entity"}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model"}
 
 
-def parse_args():
-    """The flags. With --resume the run's own, from its args.json, are the defaults: `--output-dir <run> --resume` is
-    the whole command, and check_args refuses a flag given here that would change what the run computes. The device
-    and the precision are this machine's (args.json holds what they resolved to on the first machine)."""
-    args = tyro.cli(Args)
-    path = os.path.join(args.output_dir or "", "args.json")
-    if args.resume and args.output_dir is not None and os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        fields = {field.name for field in dataclasses.fields(Args)} - {"resume", "cuda", "mixed_precision"}
-        args = tyro.cli(Args, default=Args(**{k: v for k, v in saved.items() if k in fields}))
-    return args
-
-
-def setup_distributed(args):
-    """torchrun --nproc-per-node N: N processes, data parallel (NCCL between GPUs, gloo on the CPU), each sampling its
-    share of --batch-size. A plain `python` run is process 0 of 1 and sets up nothing. Returns (rank, world_size)."""
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        cuda = args.cuda and torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")  # gloo for the CPU's tensors
-    return rank, world_size
-
-
-def check_args(args, algo_ranges, world_size):
+def check_args(args, algo_ranges):
     """Before anything loads, refuse bad flags (out of range, not finite, budgets that do not divide, a used folder)."""
     signal.signal(signal.SIGINT, lambda *_: fail("interrupted by Ctrl-C before training; nothing was written"))
     if args.track and importlib.util.find_spec("wandb") is None:
@@ -592,8 +470,6 @@ def check_args(args, algo_ranges, world_size):
                 fail(f"--{name.replace('_', '-')} must be in {interval} (got {value})")
     if args.total_episodes % args.batch_size:
         fail(f"--total-episodes {args.total_episodes} is not a multiple of --batch-size {args.batch_size}; change one")
-    if args.batch_size % world_size:
-        fail(f"--batch-size {args.batch_size} does not split over {world_size} processes; pass a multiple of it")
     if args.eval_every % args.batch_size:  # evaluations happen between updates, after whole batches
         every = math.ceil(args.eval_every / args.batch_size) * args.batch_size
         print(f"note: evaluating every {every} episodes: --eval-every {args.eval_every} rounded up to whole batches")
@@ -602,28 +478,10 @@ def check_args(args, algo_ranges, world_size):
         print("note: --missing-eos-penalty applies only with --stop-at-eos; it is off in this run")
         args.missing_eos_penalty = None
     out = args.output_dir
-    if args.resume:  # the same run, continued: its folder, its last checkpoint, its flags
-        if out is None:
-            fail("--resume continues the run in --output-dir: pass --output-dir <the run's folder>")
-        if args.overwrite_output_dir:
-            fail("--resume continues a run and --overwrite-output-dir replaces it: pass one of the two")
-        if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
-            fail(f"--resume: --output-dir {out} holds no checkpoint (a run writes them with --save-every)")
-        if not os.path.exists(os.path.join(out, "INCOMPLETE")):
-            fail(f"--resume: the run in --output-dir {out} has finished; there is nothing to resume")
-        with open(os.path.join(out, "args.json")) as f:
-            saved = json.load(f)
-        changed = [k for k, v in asdict(args).items() if k not in RESUMABLE and saved.get(k) != v]
-        if changed:  # every difference at once
-            said = "; ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})" for k in changed)
-            fail(f"--resume: {said}: these would change what the run computes; leave them out (its own are used)")
-    elif out is not None and os.path.exists(out):
+    if out is not None and os.path.exists(out):
         foreign = sorted(set(os.listdir(out)) - RUN_FILES) if os.path.isdir(out) else ["it is a file"]
         if foreign:  # --overwrite-output-dir deletes a run's files, never anything else
             fail(f"--output-dir {out} is not a run's folder ({', '.join(foreign[:3])}); choose another folder")
-        stopped = all(os.path.exists(os.path.join(out, name)) for name in ["checkpoint.pt", "INCOMPLETE"])
-        if stopped and not args.overwrite_output_dir:
-            fail(f"--output-dir {out} holds a stopped run with a checkpoint: continue it with --resume, or replace it")
         if os.listdir(out) and not args.overwrite_output_dir:
             fail(f"--output-dir {out} holds a run; choose another folder, or pass --overwrite-output-dir to replace it")
 
@@ -695,17 +553,6 @@ def next_prompt_indices(order, n, num_prompts):
     return batch
 
 
-def check_same_tokenizer(tokenizer, policy_tokenizer, flag, name):
-    """A reward model reads the policy's token ids, so its vocabulary must be the policy's: if not, say how they differ
-    (an added [PAD] is the usual reason)."""
-    vocab, policy_vocab = tokenizer.get_vocab(), policy_tokenizer.get_vocab()
-    if vocab == policy_vocab:
-        return
-    differ = sorted(set(vocab.items()) ^ set(policy_vocab.items()), key=lambda item: (item[1], item[0]))[:4]
-    said = ", ".join(f"{t!r} = {i} in {'this one' if vocab.get(t) == i else 'the policy'}" for t, i in differ)
-    fail(f"{flag} {name}: its tokenizer is not the policy's ({len(vocab)} tokens against {len(policy_vocab)}: {said})")
-
-
 def load_reward_model(name, flag, dtype, device):
     """A frozen or trained copy of a reward model (load_models has checked that it is one)."""
     return load_pretrained(AutoModelForSequenceClassification, name, flag, dtype=dtype).to(device)
@@ -717,7 +564,7 @@ def load_models(args):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     args.cuda = device.type == "cuda"
     if not args.cuda and not os.environ.get("OMP_NUM_THREADS"):  # docs/usage.md, "Threads": the measurements
         torch.set_num_threads(1)  # a second thread is 1.3-1.5x faster on an idle machine, 10x slower on a busy one
@@ -729,9 +576,9 @@ def load_models(args):
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     frozen_dtype = amp_dtype or torch.float32  # the reward models are only ever read: hold them in low precision
     flags = {"--model-name": args.model_name, "--reward-model-name": args.reward_model_name}
-    flags["--gold-reward-model-name"] = args.gold_reward_model_name
-    for flag, name in [(flag, name) for flag, name in flags.items() if name is not None and os.path.isdir(name)]:
-        if not any(os.path.exists(os.path.join(name, file)) for file in TOKENIZER_FILES):  # transformers would make one
+    flags |= {"--gold-reward-model-name": args.gold_reward_model_name} if args.gold_reward_model_name else {}
+    for flag, name in flags.items():  # a folder with no tokenizer files: transformers would make up a tokenizer
+        if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, file)) for file in TOKENIZER_FILES):
             fail(f"{flag} {name}: this folder has no tokenizer; save the policy's into it (tokenizer.save_pretrained)")
     tokenizer = load_pretrained(AutoTokenizer, args.model_name, "--model-name")
     if tokenizer.eos_token_id is None:
@@ -739,7 +586,7 @@ def load_models(args):
     if tokenizer.pad_token_id is None:  # e.g. GPT-2: padding is always masked, so EOS can stand in for it
         print(f"note: the tokenizer of {args.model_name} has no pad token; using EOS ({tokenizer.eos_token!r}) as pad")
         tokenizer.pad_token = tokenizer.eos_token
-    for flag, name in [(flag, name) for flag, name in flags.items() if name is not None]:
+    for flag, name in flags.items():
         config = load_pretrained(AutoConfig, name, flag)
         positions = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name too
         if positions is not None and args.max_prompt_length + args.response_length > positions:  # or it crashes
@@ -749,8 +596,13 @@ def load_models(args):
             fail(f"--model-name {name} is a reward model ({config.architectures[0]}); pass a causal LM")
         if flag != "--model-name" and not (is_rm and config.num_labels == 1):
             fail(f"{flag} {name} is not a reward model: pass a sequence classifier with one label (num_labels=1)")
-        if flag != "--model-name":  # the RM reads the policy's token ids
-            check_same_tokenizer(load_pretrained(AutoTokenizer, name, flag), tokenizer, flag, name)
+        policy_vocab = tokenizer.get_vocab()  # an RM reads the policy's token ids: its vocabulary must be the same
+        vocab = load_pretrained(AutoTokenizer, name, flag).get_vocab() if flag != "--model-name" else policy_vocab
+        if vocab != policy_vocab:  # say how they differ (an added [PAD] is the usual reason)
+            differ = sorted(set(vocab.items()) ^ set(policy_vocab.items()), key=lambda item: (item[1], item[0]))[:4]
+            said = ", ".join(f"{t!r} = {i} in {'this one' if vocab.get(t) == i else 'the policy'}" for t, i in differ)
+            sizes = f"{len(vocab)} tokens against {len(policy_vocab)}"
+            fail(f"{flag} {name}: its tokenizer is not the policy's ({sizes}: {said})")
     # The policy is trained: fp32 master weights. The reference is the same model and stays fp32 too, so that at
     # step 0 the two give the same log-probs in every precision (KL exactly 0) and reference resets are exact.
     policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
@@ -766,39 +618,16 @@ def load_models(args):
     return device, autocast, tokenizer, policy, ref_policy, reward_model, gold_model
 
 
-def enable_gradient_checkpointing(model):
-    """--gradient-checkpointing: each decoder layer keeps only its input and recomputes its activations in the backward
-    pass (less memory, about a third more compute), and only when a gradient is taken, so sampling keeps its KV cache.
-    (transformers' own switch acts only in training mode, where it also drops the cache; these models stay in eval.)"""
-    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
-
-        def forward(*inputs, _forward=layer.forward, **kwargs):
-            if torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(_forward, *inputs, use_reentrant=False, **kwargs)
-            return _forward(*inputs, **kwargs)
-
-        layer.forward = forward
-
-
-def average_gradients(params, bucket_numel=2**25):
-    """Data parallel: every rank replaces its gradients by their mean over the ranks, so all take the same step (what
-    DDP does, written out: the scripts call parts of models, e.g. an RM's backbone, that a DDP wrapper would hide).
-    The gradients travel in flat buckets of up to 32M numbers, one all-reduce each: one per tensor costs a round trip
-    per tensor, which dominates on small models."""
-    if not torch.distributed.is_initialized():
-        return
-    buckets, numel = [], bucket_numel  # the first gradient opens the first bucket
-    for grad in [p.grad for p in params if p.grad is not None]:
-        if numel + grad.numel() > bucket_numel:
-            buckets, numel = [*buckets, []], 0
-        buckets[-1].append(grad)
-        numel += grad.numel()
-    for bucket in buckets:
-        flat = torch.cat([grad.flatten() for grad in bucket])
-        torch.distributed.all_reduce(flat)
-        flat /= torch.distributed.get_world_size()
-        for grad, part in zip(bucket, flat.split([grad.numel() for grad in bucket]), strict=True):
-            grad.copy_(part.view_as(grad))
+def optimizer_step(optimizers, scaler, max_grad_norm):
+    """One step of each (optimizer, the parameters it clips) on the gradients backward summed: their global norm
+    clipped (fp16: unscaled first), a step (fp16: skipped if any is inf or NaN), then cleared."""
+    for optimizer, params in optimizers:
+        if max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    scaler.update()
 
 
 @torch.no_grad()
@@ -811,15 +640,12 @@ def lerp_parameters(target, source, weight):
 def check_finite(loss, update):
     """Stop at the first NaN or inf loss; the last good model is left as it is."""
     if not torch.isfinite(loss):
-        fail(f"non-finite loss at update {update}; nothing saved: try a lower --learning-rate or --max-grad-norm", True)
+        fail(f"non-finite loss at update {update}; nothing saved: try a lower --learning-rate or --max-grad-norm")
 
 
 @torch.no_grad()
 def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast):
-    """Sample one response per evaluation prompt (fixed seed, so evaluations are comparable) and score it. Under
-    torchrun rank 0 evaluates alone: the same numbers whatever the number of processes."""
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
-        return {}, []
+    """Sample one response per evaluation prompt (fixed seed, so evaluations are comparable) and score it."""
     generator = torch.Generator(device=device).manual_seed(args.seed + 12345)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     batches, samples, response_ids = [], [], []
@@ -829,11 +655,9 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
             policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
         )
         stats = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)
-        gold = None
-        if gold_model is not None:
-            rows = (query, query_mask, responses, mask.long())
-            gold = chunked(args.rollout_micro_batch_size, get_scores, gold_model, *rows, autocast)
-            stats["gold_scores"] = gold.mean().item()
+        rows = (query, query_mask, responses, mask.long())
+        gold = None if gold_model is None else get_scores(gold_model, *rows, autocast)
+        stats |= {} if gold is None else {"gold_scores": gold.mean().item()}
         batches.append((len(query), stats))
         for j in range(len(query)):
             prompt = tokenizer.decode(query[j][query_mask[j].bool()], skip_special_tokens=True)
@@ -878,62 +702,30 @@ def new_folder(base):
             return path
 
 
-def state_of(obj):
-    """What a checkpoint keeps of a model, optimizer, scaler or buffer (its state_dict), a generator or a tensor."""
-    if isinstance(obj, torch.Generator):
-        return obj.get_state()
-    return obj.detach().clone() if isinstance(obj, torch.Tensor) else obj.state_dict()
-
-
-@torch.no_grad()
-def load_state(obj, state):
-    """Put back what state_of kept."""
-    if isinstance(obj, torch.Generator):
-        obj.set_state(state)
-    elif isinstance(obj, torch.Tensor):
-        obj.copy_(state)
-    else:
-        obj.load_state_dict(state)
-
-
 class RunLogger:
-    """The run folder: args.json, metrics.jsonl, samples.jsonl, checkpoints and the final model; also wandb with
-    --track, a tqdm bar, and a console line per evaluation. A file INCOMPLETE marks a run stopped by Ctrl-C, a NaN or a
-    crash. Under torchrun rank 0 alone writes; the records it writes are the global ones (the other ranks' included)."""
+    """The run folder: args.json, metrics.jsonl, samples.jsonl and the final model; also wandb with --track, a tqdm
+    bar, and a console line per evaluation. A file INCOMPLETE marks a run stopped by Ctrl-C, a NaN or a crash."""
 
-    def __init__(self, args, run_name, rank):
-        self.args, self.rank, self.episode, self.last_eval, self.wandb = args, rank, 0, "", None
-        self.checkpoint = None
-        if args.resume:  # every rank reads it (memory-mapped, so one copy is shared): see resume()
-            path = os.path.join(args.output_dir, "checkpoint.pt")
-            self.checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        if rank == 0:
-            self.dir = self.open_folder(args, run_name)
-            if args.track:
-                import wandb  # lazy: only needed with --track
+    def __init__(self, args, run_name):
+        self.args, self.episode, self.last_eval, self.wandb = args, 0, "", None
+        self.dir = self.open_folder(args, run_name)
+        if args.track:
+            import wandb  # lazy: only needed with --track
 
-                wandb.init(
-                    project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name
-                )
-                self.wandb = wandb
-        self.bar = tqdm(total=args.total_episodes, unit="episode", dynamic_ncols=True, disable=rank > 0)
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name)
+            self.wandb = wandb
+        self.bar = tqdm(total=args.total_episodes, unit="episode", dynamic_ncols=True)
         signal.signal(signal.SIGINT, self.interrupted)
 
     def open_folder(self, args, run_name):
-        """A new run's folder (created only after every check has passed, so a bad flag leaves nothing behind), or with
-        --resume the run's own, its records cut back to the checkpoint's."""
+        """A new run's folder, created only after every check has passed, so a bad flag leaves nothing behind."""
         try:
-            if args.resume:
-                for name, size in self.checkpoint["records"].items():
-                    os.truncate(os.path.join(args.output_dir, name), size)
-                self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (for the run)
-                return args.output_dir
             path = args.output_dir = args.output_dir or new_folder(os.path.join("runs", run_name))
             os.makedirs(path, exist_ok=True)
             for name in set(os.listdir(path)) & RUN_FILES:  # --overwrite-output-dir: the old run goes
                 (shutil.rmtree if os.path.isdir(os.path.join(path, name)) else os.remove)(os.path.join(path, name))
             texts = {"INCOMPLETE": "This run has not finished: no final model yet.\n", "samples.jsonl": ""}
-            ran = {"num_processes": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+            ran = {"num_processes": 1}  # (the _multigpu twin's runs may have more)
             ran["device"] = f"cuda ({torch.cuda.get_device_name()})" if args.cuda else "cpu"
             ran["cpu_threads"] = torch.get_num_threads()  # a CPU run repeats bit for bit with as many threads
             for name, text in {**texts, "args.json": json.dumps(asdict(args) | ran, indent=2)}.items():
@@ -944,17 +736,12 @@ class RunLogger:
         except OSError as e:
             fail(f"--output-dir {args.output_dir}: cannot write there ({e.strerror}); choose another folder")
 
-    def interrupted(self, *_):
-        """Ctrl-C: one line saying where the run stopped (the folder keeps its records, marked INCOMPLETE)."""
-        out, saved = self.args.output_dir, self.args.save_every
-        last = f" and its last checkpoint (go on with --output-dir {out} --resume)" if saved else ""
-        fail(f"interrupted by Ctrl-C at episode {self.episode}; {out} holds the records so far{last}")
+    def interrupted(self, *_):  # Ctrl-C: one line saying where the run stopped (its records stay, marked INCOMPLETE)
+        fail(f"interrupted by Ctrl-C at episode {self.episode}; {self.args.output_dir} holds the records so far")
 
     def log(self, record):
         """Append a record to metrics.jsonl (and to wandb with --track)."""
         self.episode = record["episode"]
-        if self.rank > 0:
-            return
         try:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -964,7 +751,7 @@ class RunLogger:
             self.wandb.log(record, step=record["episode"])
 
     def log_train(self, episode, update, lr, kl_coef, objective, start_time, time_rollout, time_update, algo_stats):
-        """A training record: the common keys (docs/usage.md, "Metrics"), then the algorithm's own (rank means)."""
+        """A training record: the common keys (docs/usage.md, "Metrics"), then the algorithm's own."""
         elapsed = time.time() - start_time
         record = {"episode": episode, "update": update, "lr": lr, "objective/kl_coef": kl_coef}
         record |= {"time/elapsed_s": elapsed, "time/episodes_per_s": episode / elapsed}
@@ -973,15 +760,12 @@ class RunLogger:
         record["objective/rlhf_reward"] = objective["scores"] - kl_coef * objective["kl"]
         if self.args.cuda:  # the device that runs (setup_run resolved it)
             record["memory/cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        means = mean_over_ranks(torch.tensor(list(algo_stats.values()), dtype=torch.float64))
-        self.log({**record, **dict(zip(algo_stats, means.tolist(), strict=True))})
+        self.log(record | algo_stats)
         self.bar.n = episode
         self.bar.set_postfix(score=f"{objective['scores']:.3f}", kl=f"{objective['kl']:.3f}")
 
     def log_eval(self, episode, record, samples):
         """An evaluation: its record, a console line, and its prompts, responses and scores in samples.jsonl."""
-        if self.rank > 0:  # rank 0 evaluated for all
-            return
         self.log({"episode": episode, **record})
         gold = f", gold score {record['eval/gold_scores']:.3f}" if "eval/gold_scores" in record else ""
         self.last_eval = f"eval score {record['eval/scores']:.3f}{gold}, KL {record['eval/kl']:.3f}"
@@ -989,57 +773,9 @@ class RunLogger:
         with open(os.path.join(self.dir, "samples.jsonl"), "a") as f:
             f.writelines(json.dumps({"episode": episode, **s}) + "\n" for s in samples)
 
-    def save_checkpoint(self, trained, own, loop):
-        """--save-every: <output-dir>/checkpoint.pt holds all the next update depends on: `trained` (models, optimizers,
-        scaler: the same on every rank), each rank's `own` (its sampling generator, SAC's buffer) and RNG states, the
-        loop's counters and the records' lengths. Written under a temporary name, then renamed: Ctrl-C or a crash
-        leaves the previous checkpoint whole."""
-        own = {name: state_of(obj) for name, obj in own.items()}
-        own["rng"] = [torch.get_rng_state(), random.getstate(), torch.cuda.get_rng_state() if self.args.cuda else None]
-        ranks = [own]
-        if torch.distributed.is_initialized():  # rank 0 writes every rank's own states
-            ranks = [None] * torch.distributed.get_world_size() if self.rank == 0 else None
-            torch.distributed.gather_object(own, ranks)
-        if self.rank == 0:
-            records = {"metrics.jsonl": self.file.tell()}
-            records["samples.jsonl"] = os.path.getsize(os.path.join(self.dir, "samples.jsonl"))
-            state = {"trained": {name: state_of(obj) for name, obj in trained.items()}, "ranks": ranks}
-            path = os.path.join(self.dir, "checkpoint.pt")
-            try:
-                torch.save(state | {"loop": loop, "records": records}, path + ".tmp")
-            except Exception as e:  # noqa: BLE001 (a full disk: one line; the previous checkpoint stays whole)
-                with contextlib.suppress(OSError):
-                    os.remove(path + ".tmp")
-                fail(f"--output-dir {self.dir}: cannot write a checkpoint ({str(e).splitlines()[0]}); kept the last")
-            os.replace(path + ".tmp", path)
-
-    def resume(self, trained, own):
-        """--resume: put the checkpoint's states into the run's objects (built as for a new run) and return its loop."""
-        state, self.checkpoint = self.checkpoint, None
-        num_ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if len(state["ranks"]) != num_ranks:
-            fail(f"--resume: {len(state['ranks'])} processes wrote the checkpoint; resume with as many (torchrun)")
-        for name, obj in trained.items():
-            load_state(obj, state["trained"][name])
-        mine = state["ranks"][self.rank]
-        for name, obj in own.items():
-            load_state(obj, mine[name])
-        torch.set_rng_state(mine["rng"][0])
-        random.setstate(mine["rng"][1])
-        if self.args.cuda and mine["rng"][2] is not None:
-            torch.cuda.set_rng_state(mine["rng"][2])
-        self.episode = self.bar.n = state["loop"]["episode"]
-        if self.rank == 0:
-            self.bar.write(f"resumed at episode {self.episode} from its checkpoint in {self.dir}")
-        return state["loop"]
-
     def finish(self, policy, tokenizer, start_time):
         """Save the final policy (with --save-model), close the records and say what the run achieved."""
         self.bar.close()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        if self.rank > 0:
-            return
         self.file.close()
         if self.args.save_model:  # written beside, then renamed: a failed save never looks like a model
             path = os.path.join(self.dir, "model")

@@ -49,7 +49,8 @@ class Args:
     layers: int = 8
     """layers of the random models (--hidden-size 512 --layers 8: 21M matmul parameters each)"""
     nproc: int = 1
-    """processes per run: 1 = `python <script>`, N > 1 = `torchrun --nproc-per-node N`, the cores split between them"""
+    """processes per run: 1 = `python <script>`, N > 1 = `torchrun --nproc-per-node N` on the script's _multigpu twin,
+    the cores split between the processes"""
 
 
 def build_random_models(args, folder):
@@ -127,12 +128,12 @@ def update_flops(script, run_args):
     rows, length = run_args["batch_size"], mean_prompt_width(run_args) + run_args["response_length"]
     flops = forward_flops(policy, rows, length, kv_cache=True) + 2 * forward_flops(policy, rows, length)
     flops += forward_flops(rm, rows, length)
-    if script == "ppo_rlhf.py":  # the value model is a copy of the reward model
+    if script.startswith("ppo_rlhf"):  # the value model is a copy of the reward model
         flops += forward_flops(rm, rows, length)
         flops += (
             run_args["num_ppo_epochs"] * 3 * (forward_flops(policy, rows, length) + forward_flops(rm, rows, length))
         )
-    elif script == "rloo_rlhf.py":
+    elif script.startswith("rloo_rlhf"):
         flops += run_args["num_ppo_epochs"] * 3 * forward_flops(policy, rows, length)
     else:
         vocab = AutoConfig.from_pretrained(run_args["model_name"]).vocab_size
@@ -147,6 +148,8 @@ def update_flops(script, run_args):
 def run_once(script, args, seed, folder, models):
     """One run as a child process; returns its last training record, wall time, peak RSS in MiB and args.json."""
     out = os.path.join(folder, f"{script}-{seed}")
+    if args.nproc > 1 and not script.endswith("_multigpu.py"):  # torchrun runs the scale twin (the same numbers)
+        script = script.replace(".py", "_multigpu.py")
     launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd = [
         *launcher,

@@ -343,7 +343,8 @@ def kl_bon(n):
 def best_of_n_args(args, seed):
     """The common flags of --extra, read as the scripts read them (so the baseline samples as the runs do)."""
     sys.path.insert(0, REPO)
-    import rloo_rlhf as common  # the common helpers and flags are the same text in the three scripts
+    # The common helpers and flags are the same text in the three scripts; the twin's also read the memory flags.
+    import rloo_rlhf_multigpu as common
 
     try:
         return common, tyro.cli(common.Args, args=shlex.split(args.extra) + ["--seed", str(seed)])

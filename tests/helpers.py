@@ -494,15 +494,16 @@ def record_optimizer_steps(monkeypatch) -> list[dict]:
 @contextlib.contextmanager
 def record_calls(*names: str):
     """Record every call, made inside the `with` block, of the scripts' functions with these names (functions and
-    methods defined in a REPO/*_rlhf.py file, e.g. in a main loop run with run_main): yields {name: [calls]}, each call
-    a dict {parameter: value} of its arguments, and "return": what it returned (the values themselves, not copies).
-    Uses sys.setprofile, so the main loop's own calls are seen as they are made, with no change to the scripts."""
+    methods defined in a REPO/*_rlhf.py or *_rlhf_multigpu.py file, e.g. in a main loop run with run_main): yields
+    {name: [calls]}, each call a dict {parameter: value} of its arguments, and "return": what it returned (the values
+    themselves, not copies). Uses sys.setprofile, so the main loop's own calls are seen as they are made, with no change
+    to the scripts."""
     calls = {name: [] for name in names}
     open_calls = {}  # id(frame) -> its record, until it returns
 
     def profile(frame, event, arg):
         code = frame.f_code
-        if code.co_name not in calls or not code.co_filename.endswith("_rlhf.py"):
+        if code.co_name not in calls or not code.co_filename.endswith(("_rlhf.py", "_rlhf_multigpu.py")):
             return
         if event == "call":
             open_calls[id(frame)] = dict(frame.f_locals)  # at the call: the arguments only
@@ -514,5 +515,29 @@ def record_calls(*names: str):
     sys.setprofile(profile)
     try:
         yield calls
+    finally:
+        sys.setprofile(previous)
+
+
+@contextlib.contextmanager
+def caller_snapshots(name: str, take):
+    """At every call, made inside the `with` block, of the scripts' function `name`, append take(caller) to the yielded
+    list, where caller is the calling script frame's locals (e.g. the main loop's models, as they are at that time)."""
+    snapshots = []
+    previous = sys.getprofile()  # another recorder's (record_calls), which keeps recording
+
+    def profile(frame, event, arg):
+        if previous is not None:
+            previous(frame, event, arg)
+        code = frame.f_code
+        if event == "call" and code.co_name == name and code.co_filename.endswith(("_rlhf.py", "_rlhf_multigpu.py")):
+            caller = frame.f_back  # the script's frame that called it (past a decorator's, e.g. torch.no_grad's)
+            while not caller.f_code.co_filename.endswith(("_rlhf.py", "_rlhf_multigpu.py")):
+                caller = caller.f_back
+            snapshots.append(take(caller.f_locals))
+
+    sys.setprofile(profile)
+    try:
+        yield snapshots
     finally:
         sys.setprofile(previous)

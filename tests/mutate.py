@@ -57,10 +57,11 @@ One mutant per distinct mutated line; mutants that do not compile are dropped. W
 at most K mutants, drawn round-robin over its operators in a seeded order, so adding an operator changes which
 mutants a line gets; --operators restricts the draw to the operators named.
 
-Tests, per script X_rlhf.py (default): tests/test_X.py, tests/test_common.py and every other tests/test_*.py
-that names the script or its module, except test_compare.py, test_tinyworld.py and test_fixtures.py; the
-parametrizations of test_common.py for the other scripts are deselected with -k. The text-equality test of the
-common helpers is always deselected: a mutant of one script's copy of a helper breaks it whatever the mutant does.
+Tests, per script X_rlhf.py or its twin X_rlhf_multigpu.py (default): tests/test_X.py, tests/test_common.py and every
+other tests/test_*.py that names the script or its module, except test_compare.py, test_tinyworld.py and
+test_fixtures.py; the parametrizations of test_common.py for the other scripts are deselected with -k. The tests of the
+text itself (the same helpers in a tier, the same ALGO LOGIC in a file and its twin) are always deselected: a mutant of
+one script's copy breaks them whatever the mutant does.
 
 Statuses: killed (a test failed; the first failing test is named), timeout and error (pytest could not run the
 tests, e.g. a collection error) also count as killed; survived (every test passed).
@@ -110,7 +111,15 @@ CORE_HELPERS = [
 ALGO_START = " ALGO LOGIC"  # in the section's marker line, "# ==== ALGO LOGIC: ... ===="
 ALGO_END = (" RLHF CORE", " TRY NOT TO MODIFY", "if __name__")
 NOT_DEFAULT_TESTS = {"test_compare.py", "test_tinyworld.py", "test_fixtures.py"}
-TEXT_EQUALITY_TEST = "tests/test_common.py::test_common_helpers_are_the_same_text_in_every_script"
+# Tests of the text itself (the same helpers in every script of a tier, the same ALGO LOGIC in a file and its twin,
+# no scale code in a plain file): a mutant of one copy breaks them whatever the mutant does, so none of them counts.
+TEXT_EQUALITY_TESTS = [
+    "tests/test_common.py::test_common_helpers_are_the_same_text_in_every_script",
+    "tests/test_tiers.py::test_a_plain_file_and_its_twin_hold_the_same_algo_logic",
+    "tests/test_tiers.py::test_each_tier_shares_its_core_plumbing_and_loop_lines_word_for_word",
+    "tests/test_tiers.py::test_a_plain_file_holds_no_scale_code_and_refuses_scale_flags",
+    "tests/test_tiers.py::test_a_twin_adds_scale_code_and_nothing_else",
+]
 COPY_IGNORE = {".git", "runs", "__pycache__", ".pytest_cache", "wandb", ".venv", "venv"}  # runs/ covers results/*/runs
 TEST_ENV = {
     "OMP_NUM_THREADS": "1",
@@ -669,7 +678,7 @@ def apply_limit(per_script, limit):
 def default_tests(repo, script, all_scripts):
     """pytest arguments selecting the tests of one script (see the module docstring)."""
     module = Path(script).stem
-    own = repo / "tests" / f"test_{module.removesuffix('_rlhf')}.py"
+    own = repo / "tests" / f"test_{module.removesuffix('_multigpu').removesuffix('_rlhf')}.py"
     files = [own, repo / "tests" / "test_common.py"]
     for path in sorted((repo / "tests").glob("test_*.py")):
         if path not in files and path.name not in NOT_DEFAULT_TESTS:
@@ -694,8 +703,7 @@ def pytest_command(worker, selection):
         "no:cacheprovider",
         f"--basetemp={worker.basetemp}",
         *selection,
-        "--deselect",
-        TEXT_EQUALITY_TEST,
+        *[arg for test in TEXT_EQUALITY_TESTS for arg in ["--deselect", test]],
     ]
 
 

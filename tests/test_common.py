@@ -225,12 +225,19 @@ COMMON_BAD_INPUT = [
     (["--output-dir", "{bad}/file/run"], "--output-dir"),
 ]
 ALGO_BAD_INPUT = {
+    # The twins' memory flag (see tests/test_scale.py for the others)
+    "ppo_rlhf_multigpu.py": [
+        (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps"),
+        (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps"),
+    ],
+    "rloo_rlhf_multigpu.py": [
+        (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps"),
+        (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps"),
+    ],
     "ppo_rlhf.py": [
         (["--num-ppo-epochs", "0"], "--num-ppo-epochs"),
         (["--num-minibatches", "0"], "--num-minibatches"),
         (["--num-minibatches", "3"], "--num-minibatches"),
-        (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps"),
-        (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps"),
         (["--clip-coef", "-0.2"], "--clip-coef"),
         (["--vf-clip-coef", "0"], "--vf-clip-coef"),
         (["--vf-coef", "nan"], "--vf-coef"),
@@ -244,8 +251,6 @@ ALGO_BAD_INPUT = {
         (["--rloo-k", "3"], "--rloo-k"),
         (["--rloo-k", "1"], "--rloo-k"),
         (["--num-ppo-epochs", "0"], "--num-ppo-epochs"),
-        (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps"),
-        (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps"),
         (["--clip-coef", "0"], "--clip-coef"),
         (["--max-grad-norm", "-1"], "--max-grad-norm"),
     ],
@@ -269,7 +274,7 @@ ALGO_BAD_INPUT = {
 
 @pytest.mark.parametrize(
     "script,flags,flag",
-    [(s, f, n) for s in SCRIPTS for f, n in COMMON_BAD_INPUT + ALGO_BAD_INPUT[s]],
+    [(s, f, n) for s in ALGO_BAD_INPUT for f, n in (COMMON_BAD_INPUT if s in SCRIPTS else []) + ALGO_BAD_INPUT[s]],
     ids=lambda x: " ".join(x) if isinstance(x, list) else x,
 )
 def test_bad_input_ends_in_one_line_naming_the_flag(script, flags, flag, tmp_path, llama, bad_files):
@@ -646,33 +651,33 @@ def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, t
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_reference_reset_copies_the_policy(script, llama, tmp_path):
     """--ref-sync-mix 1 copies the policy into the reference (here after every update); a mix that is neither 1 nor 1/2
-    (0.25) moves the reference that far towards the policy, no further, and leaves the policy alone (read from the
-    checkpoint), every 2 updates (not after every one, as a sync every update would)."""
+    (0.25) moves the reference that far towards the policy, no further, and leaves the policy alone (read at the end of
+    a run whose last update resets it), every 2 updates (not after every one, as a sync every update would)."""
     from transformers import AutoModelForCausalLM
 
-    out = {}
-    for mix, every in [("1.0", "1"), ("0.25", "2")]:
+    out, resets = {}, {}
+    for mix, every, episodes in [("1.0", "1", "48"), ("0.25", "2", "32")]:
         out[mix] = tmp_path / f"mix{mix}"
-        code, _, stderr = run_main(
-            script,
-            *llama.args(),
-            *TINY,
-            "--total-episodes",
-            "48",
-            "--learning-rate",
-            "1e-2",
-            "--ref-sync-every",
-            every,
-            "--ref-sync-mix",
-            mix,
-            "--save-every",
-            "16",
-            "--no-save-model",
-            "--output-dir",
-            str(out[mix]),
-            cwd=tmp_path,
-        )
+        with record_calls("lerp_parameters") as calls:
+            code, _, stderr = run_main(
+                script,
+                *llama.args(),
+                *TINY,
+                "--total-episodes",
+                episodes,
+                "--learning-rate",
+                "1e-2",
+                "--ref-sync-every",
+                every,
+                "--ref-sync-mix",
+                mix,
+                "--no-save-model",
+                "--output-dir",
+                str(out[mix]),
+                cwd=tmp_path,
+            )
         assert code == 0, stderr[-3000:]
+        resets[mix] = [c for c in calls["lerp_parameters"] if type(c["target"]).__name__.endswith("ForCausalLM")]
     synced, mixed = read_jsonl(out["1.0"] / "metrics.jsonl"), read_jsonl(out["0.25"] / "metrics.jsonl")
     # After each update the reference is set to the policy: the evaluation right after it, and the next rollout, see
     # no KL at all; after update 1 (no reset yet) and after a partial reset both do.
@@ -681,9 +686,10 @@ def test_reference_reset_copies_the_policy(script, llama, tmp_path):
     assert [r["eval/kl"] for r in evals[1:]] == [0.0] * 3 and [r["objective/kl"] for r in train] == [0.0] * 3
     evals = [r for r in mixed if "eval/kl" in r]
     assert evals[1]["eval/kl"] != 0.0 and evals[2]["eval/kl"] != 0.0
+    assert [len(resets["1.0"]), len(resets["0.25"])] == [3, 1]  # after updates 1, 2, 3; after update 2
     start = AutoModelForCausalLM.from_pretrained(llama.policy, dtype=torch.float32).state_dict()
-    trained = torch.load(out["0.25"] / "checkpoint.pt", weights_only=True)["trained"]  # after update 2's reset
-    policy, ref = trained["policy"], trained["ref_policy"]
+    # The policy and the reference as the run left them: after update 2, the last, and its reset.
+    policy, ref = resets["0.25"][0]["source"].state_dict(), resets["0.25"][0]["target"].state_dict()
     assert sum(not torch.equal(policy[name], start[name]) for name in start) > len(start) / 2  # the policy moved
     for name, initial in start.items():  # the reference was the initial policy until then
         torch.testing.assert_close(ref[name], torch.lerp(initial, policy[name], 0.25))
@@ -865,12 +871,12 @@ def test_kl_in_the_loss_pulls_the_policy_towards_the_reference(script, llama, tm
 
 
 ACCUMULATION_FLAGS = {
-    "ppo_rlhf.py": ["--num-minibatches", "2", "--num-ppo-epochs", "1"],  # minibatches of 8, micro 2
-    "rloo_rlhf.py": ["--kl-in", "loss", "--kl-estimator", "k2"],
+    "ppo_rlhf_multigpu.py": ["--num-minibatches", "2", "--num-ppo-epochs", "1"],  # minibatches of 8, micro 2
+    "rloo_rlhf_multigpu.py": ["--kl-in", "loss", "--kl-estimator", "k2"],
 }  # the KL term accumulated too
 
 
-@pytest.mark.parametrize("script", list(ACCUMULATION_FLAGS))
+@pytest.mark.parametrize("script", list(ACCUMULATION_FLAGS))  # a memory flag: the twins'
 def test_gradient_accumulation_gives_the_gradient_of_one_big_minibatch(script, tinyworld, tmp_path, monkeypatch):
     """The tinyworld's responses have unequal lengths: micro-batches must weigh every token (PPO) or every response
     (RLOO) as one big minibatch would. The first optimizer step sees the same rollout and policy in every run. PPO's
@@ -904,7 +910,7 @@ def test_gradient_accumulation_gives_the_gradient_of_one_big_minibatch(script, t
             )
         assert code == 0, stderr[-3000:]
         grads[steps] = recorded[0]["grads"]
-        if script == "ppo_rlhf.py":  # one epoch of 2 minibatches
+        if script == "ppo_rlhf_multigpu.py":  # one epoch of 2 minibatches
             counts = [c["x"] for c in calls["mean_over_ranks"] if c["x"].dim() == 0]  # not the logged statistics
             mask = next(c["return"][1] for c in calls["rollout"] if len(c["return"][1]) == 16)  # not the evaluations'
             assert len(counts) == 2 and sum(counts) == mask.sum()

@@ -153,8 +153,6 @@ def test_tinyworld_run_with_gold_rm_and_options(tinyworld, tmp_path):
         "1",
         "--ref-sync-mix",
         "0.5",
-        "--gradient-accumulation-steps",
-        "2",
         "--whiten-rewards",
         "--output-dir",
         str(out),

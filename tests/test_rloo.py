@@ -203,8 +203,6 @@ def test_tinyworld_run_with_clipping_and_options(tinyworld, tmp_path):
         "--normalize-advantage",
         "--ref-sync-every",
         "1",
-        "--gradient-accumulation-steps",
-        "2",
         "--output-dir",
         str(out),
         cwd=tmp_path,

@@ -6,7 +6,15 @@ import torch
 
 import sac_rlhf as sac
 from tests import enumeration as en
-from tests.helpers import NO_AUTOCAST, TINY, read_jsonl, record_calls, record_optimizer_steps, run_main
+from tests.helpers import (
+    NO_AUTOCAST,
+    TINY,
+    caller_snapshots,
+    read_jsonl,
+    record_calls,
+    record_optimizer_steps,
+    run_main,
+)
 
 
 def random_distributions(shape, seed):
@@ -349,8 +357,8 @@ def test_the_factored_critic_and_its_target_read_the_references_own_output_layer
 
 def test_the_target_critic_follows_the_critic_at_rate_tau(worlds, tmp_path, monkeypatch):
     """target <- tau * critic + (1 - tau) * target after each critic step, at a rate whose 1 - tau differs (0.25, and 1,
-    where 1 - tau = 0 would leave the target where it started), read from the checkpoint after the first update's one
-    step: the target's RM backbone and score head sit at lerp(RM, critic, tau) (the critic starts as the RM). And
+    where 1 - tau = 0 would leave the target where it started), read as the second step starts, after the first update's
+    one step: the target's RM backbone and score head sit at lerp(RM, critic, tau) (the critic starts as the RM). And
     one-step targets read the target critic: its rate changes the second critic step's gradient. The targets get
     --gamma 0.9 (the default 1 would hide 1 - gamma and gamma^n from this test), --n-step and --kl-coef as beta."""
     from transformers import AutoModelForSequenceClassification
@@ -360,7 +368,11 @@ def test_the_target_critic_follows_the_critic_at_rate_tau(worlds, tmp_path, monk
     for tau in ["1.0", "0.25"]:
         steps = record_optimizer_steps(monkeypatch)
         out = tmp_path / tau
-        with record_calls("critic_targets") as calls:
+
+        def take(caller):  # the critic and its target, as they are at that moment
+            return [{k: v.clone() for k, v in caller[m].state_dict().items()} for m in ["critic", "critic_target"]]
+
+        with record_calls("critic_targets") as calls, caller_snapshots("critic_targets", take) as snapshots:
             code, _, stderr = run_main(
                 "sac_rlhf.py",
                 *worlds["llama"].args(),
@@ -375,8 +387,6 @@ def test_the_target_critic_follows_the_critic_at_rate_tau(worlds, tmp_path, monk
                 tau,
                 "--updates-per-rollout",
                 "1",
-                "--save-every",
-                "16",
                 "--no-save-model",
                 "--output-dir",
                 str(out),
@@ -388,8 +398,7 @@ def test_the_target_critic_follows_the_critic_at_rate_tau(worlds, tmp_path, monk
         critic_steps = [s for s in steps if s["optimizer"] is steps[1]["optimizer"]]  # policy, critic, policy, ...
         assert len(critic_steps) == 2  # one per update
         grads[tau] = critic_steps[1]["grads"]
-        trained = torch.load(out / "checkpoint.pt", weights_only=True)["trained"]  # after update 1: one Polyak step
-        critic, target = trained["critic"], trained["critic_target"]
+        critic, target = snapshots[1]  # as the second critic step starts: after update 1's one Polyak step
         moved = 0
         for name, start in rm.items():
             critic_now = critic[f"model.{name}"]
@@ -414,17 +423,18 @@ def test_critic_loss_sums_both_heads_squared_errors_on_the_taken_tokens():
 
 def test_offline_sac_learns_only_from_the_first_buffer_of_responses(tmp_path):
     """--offline: the buffer holds the first --buffer-size responses (of the SFT policy, with --learning-starts
-    equal to it) and never changes after; the same run online keeps replacing them. Read from the checkpoints."""
+    equal to it) and never changes after; the same run online keeps replacing them. Read at the end of each run."""
 
     def buffer_after(episodes, *flags):
         out = tmp_path / f"run{episodes}{''.join(flags)}"
         base = ["--batch-size", "16", "--eval-size", "8", "--response-length", "6", "--total-episodes", episodes]
-        base += ["--eval-every", episodes, "--save-every", "16"]
-        base += ["--buffer-size", "32", "--learning-starts", "32", "--no-save-model", "--output-dir", out]
-        assert run_main("sac_rlhf.py", *base, *flags, cwd=tmp_path)[0] == 0
-        return torch.load(out / "checkpoint.pt", weights_only=True)["ranks"][0]["buffer"]
+        base += ["--eval-every", episodes, "--buffer-size", "32", "--learning-starts", "32"]
+        with record_calls("sample") as calls:
+            assert run_main("sac_rlhf.py", *base, *flags, "--no-save-model", "--output-dir", out, cwd=tmp_path)[0] == 0
+        buffer = calls["sample"][0]["self"]  # the run's buffer, as the run left it
+        return list(buffer), buffer.next
 
-    filled = buffer_after(48)  # last checkpoint after update 2: the two SFT rollouts, gradient steps began
-    assert len(filled["items"]) == 32
-    assert buffer_after(96, "--offline") == filled  # after update 5: untouched
-    assert buffer_after(96)["items"] != filled["items"]  # online: newer responses replaced the oldest
+    filled = buffer_after(32)  # after update 2: the two SFT rollouts, and gradient steps began (one sample each)
+    assert len(filled[0]) == 32
+    assert buffer_after(80, "--offline") == filled  # after update 5: untouched
+    assert buffer_after(80)[0] != filled[0]  # online: newer responses replaced the oldest

@@ -16,11 +16,15 @@ from safetensors.torch import load_file
 from tests.fixed_sampling import inverse_cdf_sampler
 from tests.helpers import NO_AUTOCAST, OFFLINE_ENV, REPO, read_jsonl, run_main, run_script
 
-SCRIPTS = ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"]
+SCRIPTS = ["ppo_rlhf_multigpu.py", "rloo_rlhf_multigpu.py", "sac_rlhf_multigpu.py"]
 SMALL = ["--batch-size", "32", "--eval-size", "16", "--response-length", "8"]
 # A batch that every process count here splits into whole prompts and whole minibatches (PPO: one minibatch, so one
 # process and two see the same minibatch; SAC: the buffer holds one rollout, so every minibatch is all of it).
-SAME_STEPS = {"ppo_rlhf.py": ["--num-minibatches", "1"], "rloo_rlhf.py": [], "sac_rlhf.py": ["--buffer-size", "32"]}
+SAME_STEPS = {
+    "ppo_rlhf_multigpu.py": ["--num-minibatches", "1"],
+    "rloo_rlhf_multigpu.py": [],
+    "sac_rlhf_multigpu.py": ["--buffer-size", "32"],
+}
 
 
 ENV = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}  # every child's: offline, CPU, one thread each
@@ -59,7 +63,7 @@ def test_two_processes_take_the_same_steps_as_one(script, tmp_path, monkeypatch)
     """With the same responses (fixed sampling, tests/fixed_sampling.py), two processes that each hold half of every
     batch average their gradients to the one-process gradient of the whole batch: the same policy after three updates
     (float noise: sums in another order), the same common metrics, which are those of the global batch."""
-    k = "4" if script == "rloo_rlhf.py" else "1"
+    k = "4" if script == "rloo_rlhf_multigpu.py" else "1"
     flags = [*SMALL, *SAME_STEPS[script], "--total-episodes", "96", "--eval-every", "64"]
     monkeypatch.setattr(torch, "multinomial", inverse_cdf_sampler(int(k)))  # this process: the one-process run
     code, _, stderr = run_main(script, *flags, "--output-dir", tmp_path / "one", cwd=tmp_path)
@@ -76,7 +80,9 @@ def test_two_processes_take_the_same_steps_as_one(script, tmp_path, monkeypatch)
         torch.testing.assert_close(trained_two[name], weight, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("script, episodes", [("ppo_rlhf.py", 256), ("rloo_rlhf.py", 1024)], ids=SCRIPTS[:2])
+@pytest.mark.parametrize(
+    "script, episodes", [("ppo_rlhf_multigpu.py", 256), ("rloo_rlhf_multigpu.py", 1024)], ids=SCRIPTS[:2]
+)
 def test_a_two_process_run_learns_and_writes_one_run_folder(script, episodes, tmp_path):
     """A real two-process run (each rank its own sampling seed) raises the evaluation score, and rank 0 alone writes
     the run folder, with the common keys in every record. (SAC's two-process run: the resume test below.)"""
@@ -124,9 +130,9 @@ def test_an_interrupted_run_resumed_writes_the_same_records_and_policy(script, t
     samples.jsonl (every number but the wall-clock times) and the same final policy as a run never stopped. SAC with
     a buffer that wraps and alpha tuned, so the buffer, its position and alpha's optimizer must come back too."""
     flags = [*SMALL, "--batch-size", "16", "--total-episodes", "192", "--eval-every", "64", "--save-every", "32"]
-    if script == "sac_rlhf.py":
+    if script == "sac_rlhf_multigpu.py":
         flags += ["--buffer-size", "48", "--autotune", "--alpha", "0.05", "--ref-sync-every", "5"]
-    if script == "ppo_rlhf.py":
+    if script == "ppo_rlhf_multigpu.py":
         flags += ["--kl-target", "1.0"]  # kl_coef moves: it must come back too
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     assert run_main(script, *flags, "--output-dir", full, cwd=tmp_path)[0] == 0
@@ -156,18 +162,18 @@ def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
     flags = [*SMALL, "--total-episodes", "256", "--eval-every", "128", "--save-every", "64", "--buffer-size", "64"]
     flags += ["--minibatch-size", "48"]
     full, stopped = tmp_path / "full", tmp_path / "stopped"
-    assert torchrun(2, str(REPO / "sac_rlhf.py"), *flags, "--output-dir", full, cwd=tmp_path).returncode == 0
+    assert torchrun(2, str(REPO / "sac_rlhf_multigpu.py"), *flags, "--output-dir", full, cwd=tmp_path).returncode == 0
     evals = [r["eval/scores"] for r in read_jsonl(full / "metrics.jsonl") if "eval/scores" in r]
     assert evals[-1] > evals[0] + 0.2  # it learns
     sizes = [r["sac/buffer_size"] for r in read_jsonl(full / "metrics.jsonl") if "update" in r]
     assert sizes[:3] == [32, 64, 64]  # both ranks' responses
     interrupt_after_first_checkpoint(
-        torchrun_command(2, REPO / "sac_rlhf.py", *flags, "--output-dir", stopped), stopped
+        torchrun_command(2, REPO / "sac_rlhf_multigpu.py", *flags, "--output-dir", stopped), stopped
     )
-    alone = run_script("sac_rlhf.py", *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
+    alone = run_script("sac_rlhf_multigpu.py", *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
     assert alone.returncode != 0 and "2 processes wrote the checkpoint" in alone.stderr
     assert "Traceback" not in alone.stderr
-    resumed = torchrun(2, str(REPO / "sac_rlhf.py"), *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
+    resumed = torchrun(2, str(REPO / "sac_rlhf_multigpu.py"), *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert records(stopped, ("episode", "objective/", "eval/", "loss/", "sac/")) == records(
         full, ("episode", "objective/", "eval/", "loss/", "sac/")
@@ -189,7 +195,7 @@ def test_memory_flags_change_no_number_beyond_float_noise(script, tmp_path):
 def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_kv_cache(worlds, monkeypatch):
     """On every fixture architecture: with a gradient, each decoder layer runs under torch.utils.checkpoint and the
     gradient is the one without; without a gradient (sampling) nothing is checkpointed and the KV cache still works."""
-    import ppo_rlhf as ppo
+    import ppo_rlhf_multigpu as ppo
 
     checkpointed = []
     checkpoint = torch.utils.checkpoint.checkpoint
@@ -226,7 +232,7 @@ def stopped_run(tmp_path_factory):
     """A short RLOO run with a checkpoint, marked as stopped (INCOMPLETE), and its flags."""
     run = tmp_path_factory.mktemp("stopped") / "run"
     flags = [*SMALL, "--total-episodes", "64", "--eval-every", "64", "--save-every", "32", "--output-dir", str(run)]
-    assert run_script("rloo_rlhf.py", *flags, cwd=run.parent).returncode == 0
+    assert run_script("rloo_rlhf_multigpu.py", *flags, cwd=run.parent).returncode == 0
     (run / "INCOMPLETE").write_text("as if stopped\n")
     return run, flags
 
@@ -244,7 +250,7 @@ def stopped_run(tmp_path_factory):
 def test_bad_resume_and_memory_flags_end_in_one_line(flags, message, stopped_run):
     run, base = stopped_run
     before = (run / "metrics.jsonl").read_text()
-    code, _, stderr = run_main("rloo_rlhf.py", *base, *[f.format(run=run) for f in flags], cwd=run.parent)
+    code, _, stderr = run_main("rloo_rlhf_multigpu.py", *base, *[f.format(run=run) for f in flags], cwd=run.parent)
     assert code != 0 and message.format(run=run) in stderr and "Traceback" not in stderr, stderr
     assert (run / "metrics.jsonl").read_text() == before  # nothing of the run was touched
 
@@ -254,8 +260,10 @@ def test_a_finished_run_is_not_resumed_and_batches_must_split_over_the_processes
     finished = tmp_path / "finished"
     shutil.copytree(run, finished)
     (finished / "INCOMPLETE").unlink()
-    code, _, stderr = run_main("rloo_rlhf.py", *flags, "--output-dir", finished, "--resume", cwd=run.parent)
+    code, _, stderr = run_main("rloo_rlhf_multigpu.py", *flags, "--output-dir", finished, "--resume", cwd=run.parent)
     assert code != 0 and "has finished; there is nothing to resume" in stderr
-    result = torchrun(3, str(REPO / "ppo_rlhf.py"), "--batch-size", "32", "--output-dir", tmp_path / "x", cwd=tmp_path)
+    result = torchrun(
+        3, str(REPO / "ppo_rlhf_multigpu.py"), "--batch-size", "32", "--output-dir", tmp_path / "x", cwd=tmp_path
+    )
     assert result.returncode != 0 and "--batch-size 32 does not split over 3 processes" in result.stderr
     assert not (tmp_path / "x").exists()
