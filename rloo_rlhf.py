@@ -102,14 +102,10 @@ ALGO_RANGES = {  # the allowed interval of each numeric flag of this algorithm (
 
 def kl_penalty(logprobs, ref_logprobs, estimator):
     """Per-token KL estimate from the log-ratio log pi - log pi_ref of sampled tokens (Schulman 2020, "Approx. KL").
-
-    In the reward (--kl-in reward) the value is a constant and only log pi's score function carries gradient:
-    with k1 the expected policy gradient is exactly the gradient of the sequence KL(pi || pi_ref); with k2 or
-    k3 it is E[grad log pi(y) * sum_t k_t(y)], the gradient of a frozen penalty, which is not the KL gradient.
-    As a loss (--kl-in loss) the gradient goes through log pi, and its expectation over sampled tokens is:
-    k1 -> 0 (E[grad log pi] = 0); k2 -> grad KL(pi || pi_ref) at each visited state, without the future-KL terms;
-    k3 -> grad KL(pi_ref || pi) (the forward KL) at each visited state.
-    """
+    In the reward (--kl-in reward) only log pi's score function carries gradient: with k1 its expectation is the
+    gradient of the sequence KL(pi || pi_ref); with k2 or k3, that of a frozen penalty, not of the KL. As a loss
+    (--kl-in loss), through log pi: k1 -> 0; k2 -> grad KL(pi || pi_ref) at each visited state, without the future-KL
+    terms; k3 -> grad KL(pi_ref || pi) (the forward KL) at each visited state."""
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio
@@ -192,9 +188,8 @@ def position_ids(mask):
 
 @torch.no_grad()
 def generate(model, query, query_mask, args, eos_id, generator, autocast):
-    """Sample up to --response-length tokens [batch, time] from softmax(logits / temperature), with a KV cache; stop
-    once every row has an EOS (with --stop-at-eos). No top-k/top-p: the training log-probs must describe exactly
-    the distribution that was sampled."""
+    """Sample up to --response-length tokens [batch, time] from softmax(logits / temperature) with a KV cache, until
+    every row has an EOS (--stop-at-eos). No top-k/top-p: the training log-probs are those of the sampled one."""
     ids, mask, positions = query, query_mask, position_ids(query_mask)
     cache, tokens = None, []
     ended = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
@@ -216,9 +211,8 @@ def generate(model, query, query_mask, args, eos_id, generator, autocast):
 
 
 def response_mask(responses, eos_id, pad_id, stop_at_eos):
-    """Mask of real response tokens, responses with post-EOS tokens set to pad, and whether each has an EOS. With
-    --stop-at-eos a response ends at its first EOS, a real token (the policy chose it; the RM reads it). Masks come
-    from positions, never from comparing ids to pad_id: pad and EOS can be the same id (GPT-2, Pythia)."""
+    """Mask of real tokens, responses with pad after their first EOS (a real token: with --stop-at-eos it ends them),
+    and whether each has an EOS. From positions, never ids: pad and EOS can be the same id (GPT-2, Pythia)."""
     is_eos = responses == eos_id
     has_eos = is_eos.any(dim=1)
     if not stop_at_eos:
@@ -238,8 +232,7 @@ def backbone_hidden(model, query, query_mask, responses, resp_mask, autocast):
 
 
 def forward_logp_all(model, query, query_mask, responses, resp_mask, temperature, autocast):
-    """log pi(. | s_t) over the whole vocabulary at every response position t, [batch, time, vocab], in fp32, from
-    logits / temperature (one forward pass over prompt + response)."""
+    """log pi(. | s_t) over the vocabulary at every response position t, [batch, time, vocab], fp32, from logits / T."""
     input_ids = torch.cat([query, responses], dim=1)
     mask = torch.cat([query_mask, resp_mask], dim=1)
     with autocast:
@@ -292,8 +285,7 @@ def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, p
 
 
 def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos):
-    """The common metrics of a batch of responses (docs/usage.md, "Metrics"): objective/scores, objective/kl,
-    objective/entropy, objective/response_length, objective/eos_rate in training records, eval/... in evaluations."""
+    """The common metrics of a batch of responses (docs/usage.md, "Metrics"): objective/... or eval/... records."""
     kl = ((logprobs - ref_logprobs) * mask).sum(1)  # [batch] sequence-level k1 on the sampled tokens
     n, tokens = len(scores), mask.sum()
     stats = {"scores": scores.sum() / n, "kl": kl.sum() / n, "entropy": (entropy * mask).sum() / tokens.clamp(min=1)}
@@ -561,9 +553,8 @@ def load_models(args):
     policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
     ref_policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
     reward_model = load_reward_model(args.reward_model_name, "--reward-model-name", frozen_dtype, device)
-    gold_model = None
-    if args.gold_reward_model_name is not None:
-        gold_model = load_reward_model(args.gold_reward_model_name, "--gold-reward-model-name", frozen_dtype, device)
+    gold = args.gold_reward_model_name
+    gold_model = None if gold is None else load_reward_model(gold, "--gold-reward-model-name", frozen_dtype, device)
     # Dropout off everywhere, trained models included: eval mode keeps log-probs of the same tokens identical
     # between rollout and update (N details, Policy #4). Gradients flow in eval mode as usual.
     for model in [m for m in (policy, ref_policy, reward_model, gold_model) if m is not None]:
@@ -598,7 +589,7 @@ def check_finite(loss, update):
 
 @torch.no_grad()
 def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast):
-    """Sample one response per evaluation prompt (fixed seed, so evaluations are comparable) and score it."""
+    """One response per evaluation prompt (a fixed seed, so evaluations are comparable), scored; the variety metrics."""
     generator = torch.Generator(device=device).manual_seed(args.seed + 12345)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     batches, samples, response_ids = [], [], []
@@ -632,15 +623,15 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
 
 
 def distinct_n(responses, n):
-    """Distinct-n (Li et al. 2016, https://arxiv.org/abs/1510.03055): the share of distinct n-grams among all the
-    n-grams of a set of responses (token-id lists); 1 = no n-gram repeats, near 0 = the responses repeat each other."""
+    """Distinct-n (Li et al. 2016, https://arxiv.org/abs/1510.03055): the share of distinct n-grams among all those of
+    some responses (token-id lists); 1 = no n-gram repeats."""
     grams = [tuple(r[i : i + n]) for r in responses for i in range(len(r) - n + 1)]
     return len(set(grams)) / max(len(grams), 1)
 
 
 def pairwise_similarity(responses, n=2):
-    """The mean Jaccard overlap of the n-gram sets of every pair of responses (a response shorter than n counts as one
-    n-gram, itself): 1 = all the same, 0 = no n-gram shared (a self-BLEU-like measure of mode collapse)."""
+    """The mean Jaccard overlap of the n-gram sets of every pair of responses (one shorter than n is one n-gram,
+    itself): 1 = all the same, 0 = no n-gram shared (a self-BLEU-like measure of mode collapse)."""
     sets = [{tuple(r[i : i + n]) for i in range(len(r) - n + 1)} or {tuple(r)} for r in responses]
     pairs = list(itertools.combinations(sets, 2))
     return sum(len(a & b) / len(a | b) for a, b in pairs) / len(pairs)

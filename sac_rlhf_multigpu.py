@@ -227,9 +227,8 @@ def position_ids(mask):
 
 @torch.no_grad()
 def generate(model, query, query_mask, args, eos_id, generator, autocast):
-    """Sample up to --response-length tokens [batch, time] from softmax(logits / temperature), with a KV cache; stop
-    once every row has an EOS (with --stop-at-eos). No top-k/top-p: the training log-probs must describe exactly
-    the distribution that was sampled."""
+    """Sample up to --response-length tokens [batch, time] from softmax(logits / temperature) with a KV cache, until
+    every row has an EOS (--stop-at-eos). No top-k/top-p: the training log-probs are those of the sampled one."""
     ids, mask, positions = query, query_mask, position_ids(query_mask)
     cache, tokens = None, []
     ended = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
@@ -254,9 +253,8 @@ def generate(model, query, query_mask, args, eos_id, generator, autocast):
 
 
 def response_mask(responses, eos_id, pad_id, stop_at_eos):
-    """Mask of real response tokens, responses with post-EOS tokens set to pad, and whether each has an EOS. With
-    --stop-at-eos a response ends at its first EOS, a real token (the policy chose it; the RM reads it). Masks come
-    from positions, never from comparing ids to pad_id: pad and EOS can be the same id (GPT-2, Pythia)."""
+    """Mask of real tokens, responses with pad after their first EOS (a real token: with --stop-at-eos it ends them),
+    and whether each has an EOS. From positions, never ids: pad and EOS can be the same id (GPT-2, Pythia)."""
     is_eos = responses == eos_id
     has_eos = is_eos.any(dim=1)
     if not stop_at_eos:
@@ -276,8 +274,7 @@ def backbone_hidden(model, query, query_mask, responses, resp_mask, autocast):
 
 
 def forward_logp_all(model, query, query_mask, responses, resp_mask, temperature, autocast):
-    """log pi(. | s_t) over the whole vocabulary at every response position t, [batch, time, vocab], in fp32, from
-    logits / temperature (one forward pass over prompt + response)."""
+    """log pi(. | s_t) over the vocabulary at every response position t, [batch, time, vocab], fp32, from logits / T."""
     input_ids = torch.cat([query, responses], dim=1)
     mask = torch.cat([query_mask, resp_mask], dim=1)
     with autocast:
@@ -364,9 +361,8 @@ def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, p
 
 
 def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=False):
-    """The common metrics of a batch of responses (docs/usage.md, "Metrics"): objective/scores, objective/kl,
-    objective/entropy, objective/response_length, objective/eos_rate in training records, eval/... in evaluations.
-    With gather, of the global batch (every rank's responses under torchrun)."""
+    """The common metrics of a batch of responses (docs/usage.md, "Metrics"): objective/... or eval/... records. With
+    gather, of the global batch (every rank's responses under torchrun)."""
     kl = ((logprobs - ref_logprobs) * mask).sum(1)  # [batch] sequence-level k1 on the sampled tokens
     n = torch.tensor(float(len(scores)), device=scores.device)
     totals = torch.stack([scores.sum(), kl.sum(), (entropy * mask).sum(), mask.sum(), has_eos.float().sum(), n])
@@ -750,9 +746,8 @@ def load_models(args):
     policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
     ref_policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
     reward_model = load_reward_model(args.reward_model_name, "--reward-model-name", frozen_dtype, device)
-    gold_model = None
-    if args.gold_reward_model_name is not None:
-        gold_model = load_reward_model(args.gold_reward_model_name, "--gold-reward-model-name", frozen_dtype, device)
+    gold = args.gold_reward_model_name
+    gold_model = None if gold is None else load_reward_model(gold, "--gold-reward-model-name", frozen_dtype, device)
     # Dropout off everywhere, trained models included: eval mode keeps log-probs of the same tokens identical
     # between rollout and update (N details, Policy #4). Gradients flow in eval mode as usual.
     for model in [m for m in (policy, ref_policy, reward_model, gold_model) if m is not None]:
@@ -826,8 +821,8 @@ def check_finite(loss, update):
 
 @torch.no_grad()
 def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast):
-    """Sample one response per evaluation prompt (fixed seed, so evaluations are comparable) and score it. Under
-    torchrun rank 0 evaluates alone: the same numbers whatever the number of processes."""
+    """One response per evaluation prompt (a fixed seed, so evaluations are comparable), scored; the variety metrics.
+    Under torchrun rank 0 evaluates alone: the same numbers whatever the number of processes."""
     if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
         return {}, []
     generator = torch.Generator(device=device).manual_seed(args.seed + 12345)
@@ -863,15 +858,15 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
 
 
 def distinct_n(responses, n):
-    """Distinct-n (Li et al. 2016, https://arxiv.org/abs/1510.03055): the share of distinct n-grams among all the
-    n-grams of a set of responses (token-id lists); 1 = no n-gram repeats, near 0 = the responses repeat each other."""
+    """Distinct-n (Li et al. 2016, https://arxiv.org/abs/1510.03055): the share of distinct n-grams among all those of
+    some responses (token-id lists); 1 = no n-gram repeats."""
     grams = [tuple(r[i : i + n]) for r in responses for i in range(len(r) - n + 1)]
     return len(set(grams)) / max(len(grams), 1)
 
 
 def pairwise_similarity(responses, n=2):
-    """The mean Jaccard overlap of the n-gram sets of every pair of responses (a response shorter than n counts as one
-    n-gram, itself): 1 = all the same, 0 = no n-gram shared (a self-BLEU-like measure of mode collapse)."""
+    """The mean Jaccard overlap of the n-gram sets of every pair of responses (one shorter than n is one n-gram,
+    itself): 1 = all the same, 0 = no n-gram shared (a self-BLEU-like measure of mode collapse)."""
     sets = [{tuple(r[i : i + n]) for i in range(len(r) - n + 1)} or {tuple(r)} for r in responses]
     pairs = list(itertools.combinations(sets, 2))
     return sum(len(a & b) / len(a | b) for a, b in pairs) / len(pairs)
