@@ -483,9 +483,10 @@ COMMON_RANGES = {  # the allowed interval of each numeric flag; values must be f
 COMMON_RANGES["[1, inf)"].append("rollout_micro_batch_size")
 RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "model.tmp", "INCOMPLETE"}
 RUN_FILES |= {"checkpoint.pt", "checkpoint.pt.tmp"}
-# Flags a resumed run may change: where and how it runs and logs, not what it computes.
+# Flags a resumed run may change: where and how it runs and logs, and its memory, not what it computes.
 RESUMABLE = {"resume", "save_every", "output_dir", "overwrite_output_dir", "exp_name", "cuda", "mixed_precision"}
 RESUMABLE |= {"track", "wandb_project_name", "wandb_entity"}
+RESUMABLE |= {"gradient_checkpointing", "rollout_micro_batch_size", "gradient_accumulation_steps"}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model"}
 
 
@@ -824,11 +825,11 @@ def new_folder(base):
 
 def state_of(obj):
     """What a checkpoint keeps of a model, optimizer or scaler (its state_dict), a generator, a tensor, or SAC's replay
-    buffer (a list: its items and its counters)."""
+    buffer (a list: its items, its write position and its draw stream)."""
     if isinstance(obj, torch.Generator):
         return obj.get_state()
     if isinstance(obj, list):
-        return {"items": list(obj), **vars(obj)}
+        return {"items": list(obj), "next": obj.next, "rng": obj.rng.getstate()}
     return obj.detach().clone() if isinstance(obj, torch.Tensor) else obj.state_dict()
 
 
@@ -838,8 +839,8 @@ def load_state(obj, state):
     if isinstance(obj, torch.Generator):
         obj.set_state(state)
     elif isinstance(obj, list):
-        obj[:] = state["items"]
-        vars(obj).update({k: v for k, v in state.items() if k != "items"})
+        obj[:], obj.next = state["items"], state["next"]
+        obj.rng.setstate(state["rng"])
     elif isinstance(obj, torch.Tensor):
         obj.copy_(state)
     else:

@@ -141,11 +141,12 @@ class SoftQNetwork(torch.nn.Module):
 
 
 class ReplayBuffer(list):
-    """A list of whole responses (prompt ids, response ids, score), first in, first out; a sample is re-padded."""
+    """A list of whole responses (prompt ids, response ids, score), first in, first out; a sample is re-padded. Its
+    draws use `rng`: the random module's shared stream, or a random.Random of their own (each rank's, in the twin)."""
 
-    def __init__(self, capacity):
+    def __init__(self, capacity, rng=random):
         super().__init__()
-        self.capacity, self.next = capacity, 0
+        self.capacity, self.next, self.rng = capacity, 0, rng
 
     def add(self, query, query_mask, responses, mask, scores):
         for i in range(len(query)):  # only the real tokens: padding is rebuilt for each sampled minibatch
@@ -155,7 +156,7 @@ class ReplayBuffer(list):
 
     def sample(self, n, pad_id, device):
         """n distinct responses, uniformly: left-padded prompts, right-padded responses, mask and scores."""
-        items = random.sample(self, n)
+        items = self.rng.sample(self, n)
         query, query_mask = left_pad([x[0] for x in items], pad_id, device)
         responses, mask = (t.flip(1) for t in left_pad([x[1][::-1] for x in items], pad_id, device))  # right-padded
         return query, query_mask, responses, mask.float(), torch.tensor([x[2] for x in items], device=device)
@@ -377,8 +378,8 @@ def main():
         responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
             policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
         )
-        if not args.offline or len(buffer) < buffer.capacity:  # --offline: the buffer is filled once, then frozen
-            buffer.add(query, query_mask, responses, mask, scores)
+        room = buffer.capacity - len(buffer) if args.offline else len(query)  # --offline: the first ones, then frozen
+        buffer.add(*(x[:room] for x in (query, query_mask, responses, mask, scores)))
         episode += args.batch_size
         time_rollout += time.time() - t0
 

@@ -155,11 +155,12 @@ class SoftQNetwork(torch.nn.Module):
 
 
 class ReplayBuffer(list):
-    """A list of whole responses (prompt ids, response ids, score), first in, first out; a sample is re-padded."""
+    """A list of whole responses (prompt ids, response ids, score), first in, first out; a sample is re-padded. Its
+    draws use `rng`: the random module's shared stream, or a random.Random of their own (each rank's, in the twin)."""
 
-    def __init__(self, capacity):
+    def __init__(self, capacity, rng=random):
         super().__init__()
-        self.capacity, self.next = capacity, 0
+        self.capacity, self.next, self.rng = capacity, 0, rng
 
     def add(self, query, query_mask, responses, mask, scores):
         for i in range(len(query)):  # only the real tokens: padding is rebuilt for each sampled minibatch
@@ -169,7 +170,7 @@ class ReplayBuffer(list):
 
     def sample(self, n, pad_id, device):
         """n distinct responses, uniformly: left-padded prompts, right-padded responses, mask and scores."""
-        items = random.sample(self, n)
+        items = self.rng.sample(self, n)
         query, query_mask = left_pad([x[0] for x in items], pad_id, device)
         responses, mask = (t.flip(1) for t in left_pad([x[1][::-1] for x in items], pad_id, device))  # right-padded
         return query, query_mask, responses, mask.float(), torch.tensor([x[2] for x in items], device=device)
@@ -420,7 +421,9 @@ def main():
     generator = torch.Generator(device=device).manual_seed(args.seed + 100_000 * rank)  # each rank's sampling seed
     num_updates = args.total_episodes // args.batch_size
     # The loop's state: the replay buffer, episodes so far, the next evaluation, the prompt stream, the time spent.
-    buffer, episode, next_eval, order = ReplayBuffer(args.buffer_size // world_size), 0, args.eval_every, []
+    # Each rank draws its minibatches on its own stream (one process on the shared one, as the plain file does).
+    draws = random if world_size == 1 else random.Random(args.seed + 100_000 * rank)
+    buffer, episode, next_eval, order = ReplayBuffer(args.buffer_size // world_size, draws), 0, args.eval_every, []
     time_rollout = time_update = 0.0
     start_time = time.time()
     eval_models = (policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast)
@@ -454,8 +457,8 @@ def main():
         responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
             policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
         )
-        if not args.offline or len(buffer) < buffer.capacity:  # --offline: the buffer is filled once, then frozen
-            buffer.add(query, query_mask, responses, mask, scores)
+        room = buffer.capacity - len(buffer) if args.offline else len(query)  # --offline: the first ones, then frozen
+        buffer.add(*(x[:room] for x in (query, query_mask, responses, mask, scores)))
         episode += args.batch_size
         time_rollout += time.time() - t0
 
@@ -542,9 +545,10 @@ COMMON_RANGES = {  # the allowed interval of each numeric flag; values must be f
 COMMON_RANGES["[1, inf)"].append("rollout_micro_batch_size")
 RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "model.tmp", "INCOMPLETE"}
 RUN_FILES |= {"checkpoint.pt", "checkpoint.pt.tmp"}
-# Flags a resumed run may change: where and how it runs and logs, not what it computes.
+# Flags a resumed run may change: where and how it runs and logs, and its memory, not what it computes.
 RESUMABLE = {"resume", "save_every", "output_dir", "overwrite_output_dir", "exp_name", "cuda", "mixed_precision"}
 RESUMABLE |= {"track", "wandb_project_name", "wandb_entity"}
+RESUMABLE |= {"gradient_checkpointing", "rollout_micro_batch_size", "gradient_accumulation_steps"}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model"}
 
 
@@ -883,11 +887,11 @@ def new_folder(base):
 
 def state_of(obj):
     """What a checkpoint keeps of a model, optimizer or scaler (its state_dict), a generator, a tensor, or SAC's replay
-    buffer (a list: its items and its counters)."""
+    buffer (a list: its items, its write position and its draw stream)."""
     if isinstance(obj, torch.Generator):
         return obj.get_state()
     if isinstance(obj, list):
-        return {"items": list(obj), **vars(obj)}
+        return {"items": list(obj), "next": obj.next, "rng": obj.rng.getstate()}
     return obj.detach().clone() if isinstance(obj, torch.Tensor) else obj.state_dict()
 
 
@@ -897,8 +901,8 @@ def load_state(obj, state):
     if isinstance(obj, torch.Generator):
         obj.set_state(state)
     elif isinstance(obj, list):
-        obj[:] = state["items"]
-        vars(obj).update({k: v for k, v in state.items() if k != "items"})
+        obj[:], obj.next = state["items"], state["next"]
+        obj.rng.setstate(state["rng"])
     elif isinstance(obj, torch.Tensor):
         obj.copy_(state)
     else:

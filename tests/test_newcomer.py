@@ -155,6 +155,22 @@ def test_resume_needs_only_the_output_dir_and_says_where_it_resumed(stopped_run)
     assert no_time == [{k: v for k, v in r.items() if not k.startswith("time/")} for r in full]
 
 
+def test_resume_may_change_the_memory_flags(stopped_run):
+    """Running out of memory is the commonest reason to resume: the memory flags may change on resume (the run goes on
+    with the same numbers up to float rounding)."""
+    root, _, full = stopped_run
+    work = root / "memory"
+    shutil.copytree(root / "run", work)
+    memory = ["--gradient-checkpointing", "--rollout-micro-batch-size", "4", "--gradient-accumulation-steps", "2"]
+    result = run_script("ppo_rlhf_multigpu.py", "--output-dir", work, "--resume", *memory, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = read_jsonl(work / "metrics.jsonl")
+    assert [sorted(r) for r in resumed] == [sorted(r) for r in full]
+    for a, b in zip(resumed, full, strict=True):
+        for key in [k for k in a if k.startswith(("objective/", "eval/"))]:
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-3), (a["episode"], key)
+
+
 def test_resume_lists_every_flag_that_would_change_the_run_at_once(stopped_run):
     root, _, _ = stopped_run
     run = root / "run"

@@ -438,3 +438,17 @@ def test_offline_sac_learns_only_from_the_first_buffer_of_responses(tmp_path):
     assert len(filled[0]) == 32
     assert buffer_after(80, "--offline") == filled  # after update 5: untouched
     assert buffer_after(80)[0] != filled[0]  # online: newer responses replaced the oldest
+
+
+def test_offline_keeps_the_first_responses_when_the_buffer_does_not_divide_by_the_rollout(tmp_path):
+    """--offline with --buffer-size 24 and rollouts of 16: the buffer holds the first 24 responses, in order (the
+    first rollout and the first 8 of the second), not a second rollout wrapped over the first's."""
+    flags = ["--batch-size", "16", "--eval-size", "8", "--response-length", "6", "--total-episodes", "48"]
+    flags += ["--eval-every", "48", "--buffer-size", "24", "--learning-starts", "24", "--offline", "--no-save-model"]
+    with record_calls("rollout", "sample") as calls:
+        code, _, stderr = run_main("sac_rlhf.py", *flags, "--output-dir", tmp_path / "run", cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    rollouts = [c["return"][6] for c in calls["rollout"] if len(c["return"][6]) == 16]  # not the evaluations' (8)
+    assert len(rollouts) == 3
+    buffer = calls["sample"][0]["self"]
+    assert [item[2] for item in buffer] == torch.cat(rollouts)[:24].tolist()

@@ -155,14 +155,19 @@ def test_an_interrupted_run_resumed_writes_the_same_records_and_policy(script, t
 
 
 def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
-    """Under torchrun the checkpoint holds every rank's sampling generator and SAC buffer: an interrupted two-process
-    run resumed with two processes writes the same records as one never stopped; with one process it is refused.
-    Minibatches (48) larger than a rollout (32): learning starts once the buffer holds one, counted over both ranks
-    (each samples its share, 24, from its own 32)."""
+    """Under torchrun the checkpoint holds every rank's sampling generator, SAC buffer and its draw stream: an
+    interrupted two-process run resumed with two processes writes the same records as one never stopped; with one
+    process it is refused. Minibatches (48) larger than a rollout (32): learning starts once the buffer holds one,
+    counted over both ranks (each samples its share, 24, from its own 32). Each rank draws its minibatches on its own
+    stream: the same positions on both would make a minibatch pairs of responses from the same updates."""
     flags = [*SMALL, "--total-episodes", "256", "--eval-every", "128", "--save-every", "64", "--buffer-size", "64"]
     flags += ["--minibatch-size", "48"]
     full, stopped = tmp_path / "full", tmp_path / "stopped"
-    assert torchrun(2, str(REPO / "sac_rlhf_multigpu.py"), *flags, "--output-dir", full, cwd=tmp_path).returncode == 0
+    recorded = [str(REPO / "tests" / "record_draws.py"), str(tmp_path / "draws"), str(REPO / "sac_rlhf_multigpu.py")]
+    assert torchrun(2, *recorded, *flags, "--output-dir", full, cwd=tmp_path).returncode == 0
+    draws = [read_jsonl(tmp_path / f"draws{rank}") for rank in [0, 1]]
+    assert len(draws[0]) == len(draws[1]) > 10  # 4 steps per update once learning starts
+    assert sum(a != b for a, b in zip(*draws, strict=True)) > len(draws[0]) / 2, draws
     evals = [r["eval/scores"] for r in read_jsonl(full / "metrics.jsonl") if "eval/scores" in r]
     assert evals[-1] > evals[0] + 0.2  # it learns
     sizes = [r["sac/buffer_size"] for r in read_jsonl(full / "metrics.jsonl") if "update" in r]
