@@ -800,8 +800,9 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
 
 
 def distinct_n(responses, n):
-    """Distinct-n (Li et al. 2016, https://arxiv.org/abs/1510.03055): the share of distinct n-grams among all those of
-    some responses (token-id lists); 1 = no n-gram repeats."""
+    """Distinct-n over n-grams: the share of distinct n-grams among all the n-grams of some responses (token-id lists);
+    1 = no n-gram repeats. Li et al. 2016 (https://arxiv.org/abs/1510.03055) divide by the generated tokens instead:
+    the same for n = 1; their distinct-2 is this one times (tokens - responses) / tokens, lower for short responses."""
     grams = [tuple(r[i : i + n]) for r in responses for i in range(len(r) - n + 1)]
     return len(set(grams)) / max(len(grams), 1)
 
@@ -833,11 +834,26 @@ def state_of(obj):
     return obj.detach().clone() if isinstance(obj, torch.Tensor) else obj.state_dict()
 
 
+def sync_to_disk(path):
+    """fsync a file, or a folder (its entries: a rename in it), so that a crash or a power cut cannot undo it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @torch.no_grad()
 def load_state(obj, state):
-    """Put back what state_of kept."""
+    """Put back what state_of kept. A resume on another device or precision goes on, not bit for bit: a generator
+    state from another kind of device seeds a new stream, and a scaler that had no state (bf16, fp32) starts afresh."""
     if isinstance(obj, torch.Generator):
-        obj.set_state(state)
+        if state.shape == obj.get_state().shape:
+            obj.set_state(state)
+        else:
+            obj.manual_seed(sum(state.tolist()))
+    elif isinstance(obj, torch.amp.GradScaler) and not state:
+        return
     elif isinstance(obj, list):
         obj[:], obj.next = state["items"], state["next"]
         obj.rng.setstate(state["rng"])
@@ -942,8 +958,8 @@ class RunLogger:
     def save_checkpoint(self, trained, own, loop):
         """--save-every: <output-dir>/checkpoint.pt holds all the next update depends on: `trained` (models, optimizers,
         scaler: the same on every rank), each rank's `own` (its sampling generator, SAC's buffer) and RNG states, the
-        loop's counters and the records' lengths. Written under a temporary name, then renamed: Ctrl-C or a crash
-        leaves the previous checkpoint whole."""
+        loop's counters and the records' lengths. Written under a temporary name, synced, then renamed: Ctrl-C or a
+        crash leaves the previous checkpoint whole, and the records it counts are on disk."""
         own = {name: state_of(obj) for name, obj in own.items()}
         own["rng"] = [torch.get_rng_state(), random.getstate(), torch.cuda.get_rng_state() if self.args.cuda else None]
         ranks = [own]
@@ -953,15 +969,19 @@ class RunLogger:
         if self.rank == 0:
             records = {"metrics.jsonl": self.file.tell()}
             records["samples.jsonl"] = os.path.getsize(os.path.join(self.dir, "samples.jsonl"))
+            for name in records:  # flushed is not on disk: a power cut could lose what the checkpoint counts
+                sync_to_disk(os.path.join(self.dir, name))
             state = {"trained": {name: state_of(obj) for name, obj in trained.items()}, "ranks": ranks}
             path = os.path.join(self.dir, "checkpoint.pt")
             try:
                 torch.save(state | {"loop": loop, "records": records}, path + ".tmp")
+                sync_to_disk(path + ".tmp")
             except Exception as e:  # noqa: BLE001 (a full disk: one line; the previous checkpoint stays whole)
                 with contextlib.suppress(OSError):
                     os.remove(path + ".tmp")
                 fail(f"--output-dir {self.dir}: cannot write a checkpoint ({str(e).splitlines()[0]}); kept the last")
             os.replace(path + ".tmp", path)
+            sync_to_disk(self.dir)  # the rename itself
 
     def resume(self, trained, own):
         """--resume: put the checkpoint's states into the run's objects (built as for a new run) and return its loop."""

@@ -675,8 +675,9 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
 
 
 def distinct_n(responses, n):
-    """Distinct-n (Li et al. 2016, https://arxiv.org/abs/1510.03055): the share of distinct n-grams among all those of
-    some responses (token-id lists); 1 = no n-gram repeats."""
+    """Distinct-n over n-grams: the share of distinct n-grams among all the n-grams of some responses (token-id lists);
+    1 = no n-gram repeats. Li et al. 2016 (https://arxiv.org/abs/1510.03055) divide by the generated tokens instead:
+    the same for n = 1; their distinct-2 is this one times (tokens - responses) / tokens, lower for short responses."""
     grams = [tuple(r[i : i + n]) for r in responses for i in range(len(r) - n + 1)]
     return len(set(grams)) / max(len(grams), 1)
 

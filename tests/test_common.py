@@ -978,6 +978,8 @@ def test_distinct_n_counts_distinct_ngrams_over_all_responses():
     responses = [[1, 2, 3], [1, 2, 4], [5]]  # unigrams 1 2 3 1 2 4 5: 5 distinct of 7; bigrams 12 23 12 24: 3 of 4
     assert ppo.distinct_n(responses, 1) == 5 / 7
     assert ppo.distinct_n(responses, 2) == 3 / 4
+    # Li et al. 2016 divide by the 7 generated tokens: their distinct-2 is 3 / 7, ours times (7 - 3 responses) / 7.
+    assert ppo.distinct_n(responses, 2) * (7 - 3) / 7 == pytest.approx(3 / 7)
     assert ppo.distinct_n([[7], []], 2) == 0.0  # no bigram at all: 0, not a division by zero
     assert ppo.distinct_n([[1, 1, 1, 1]], 1) == 1 / 4
 

@@ -171,6 +171,27 @@ def test_resume_may_change_the_memory_flags(stopped_run):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-3), (a["episode"], key)
 
 
+def test_resume_on_another_precision_or_device_goes_on(stopped_run):
+    """The run stopped in fp32 resumes in fp16 (its scaler had no state: a fresh scale), and a checkpoint written on
+    another kind of device (a CUDA generator's 16-byte state, which a CPU generator cannot take) resumes on a new
+    sampling stream drawn from it: both go on to the end, not bit for bit (docs/scale.md)."""
+    import torch
+
+    root, _, full = stopped_run
+    fp16, device = root / "fp16", root / "device"
+    shutil.copytree(root / "run", fp16)
+    result = run_script("ppo_rlhf_multigpu.py", "--output-dir", fp16, "--resume", "--mixed-precision", "fp16", cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shutil.copytree(root / "run", device)
+    checkpoint = torch.load(device / "checkpoint.pt", weights_only=True)
+    checkpoint["ranks"][0]["generator"] = torch.arange(16, dtype=torch.uint8)  # as a CUDA generator's state
+    torch.save(checkpoint, device / "checkpoint.pt")
+    result = run_script("ppo_rlhf_multigpu.py", "--output-dir", device, "--resume", cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for run in [fp16, device]:
+        assert [r["episode"] for r in read_jsonl(run / "metrics.jsonl")] == [r["episode"] for r in full]
+
+
 def test_resume_lists_every_flag_that_would_change_the_run_at_once(stopped_run):
     root, _, _ = stopped_run
     run = root / "run"

@@ -272,3 +272,28 @@ def test_a_finished_run_is_not_resumed_and_batches_must_split_over_the_processes
     )
     assert result.returncode != 0 and "--batch-size 32 does not split over 3 processes" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
+    """A crash (a power cut, not only Ctrl-C) must leave a whole checkpoint whose records exist: the records it counts
+    (metrics.jsonl, samples.jsonl) and the new checkpoint's file are synced before the rename, and the folder after
+    it (os.replace alone can leave an empty or old file behind a power cut)."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def synced(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.path.basename(b))) or replace(a, b))
+    out = tmp_path / "run"
+    flags = [*SMALL, "--total-episodes", "96", "--eval-every", "64", "--save-every", "32", "--no-save-model"]
+    code, _, stderr = run_main("rloo_rlhf_multigpu.py", *flags, "--output-dir", out, cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    saves = [i for i, event in enumerate(events) if event == ("replace", "checkpoint.pt")]
+    assert len(saves) == 2  # after updates 1 and 2 (not after the last)
+    for i in saves:
+        before = events[max(j for j in [-1, *saves] if j < i) + 1 : i]
+        assert {("fsync", "metrics.jsonl"), ("fsync", "samples.jsonl"), ("fsync", "checkpoint.pt.tmp")} <= set(before)
+        assert events[i + 1] == ("fsync", "run")  # the folder, so the rename itself is durable
