@@ -148,8 +148,6 @@ def update_flops(script, run_args):
 def run_once(script, args, seed, folder, models):
     """One run as a child process; returns its last training record, wall time, peak RSS in MiB and args.json."""
     out = os.path.join(folder, f"{script}-{seed}")
-    if args.nproc > 1 and not script.endswith("_multigpu.py"):  # torchrun runs the scale twin (the same numbers)
-        script = script.replace(".py", "_multigpu.py")
     launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd = [
         *launcher,
@@ -201,6 +199,8 @@ if __name__ == "__main__":
         )
         print("|" + " --- |" * 9)
         for script in args.scripts:
+            if args.nproc > 1 and not script.endswith("_multigpu.py"):  # torchrun runs the scale twin (same numbers)
+                script = script.replace(".py", "_multigpu.py")
             if not os.path.exists(os.path.join(REPO, script)):
                 continue
             rows = [run_once(script, args, seed, folder, models) for seed in range(1, args.repeats + 1)]
