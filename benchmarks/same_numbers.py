@@ -50,7 +50,8 @@ def run(tree, script, out, flags):
     cmd = [sys.executable, os.path.join(tree, script), *flags.split(), "--output-dir", out]
     result = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"error: {tree}/{script} failed: {result.stderr.strip().splitlines()[-1]}")
+        said = [line for line in result.stderr.splitlines() if line.strip() and "episode/s" not in line]  # no tqdm bar
+        raise SystemExit(f"error: {tree}/{script} failed: {(said or ['(no message)'])[-1].strip()}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         metrics = [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in f]
     with open(os.path.join(out, "samples.jsonl")) as f:
