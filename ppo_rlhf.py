@@ -43,7 +43,7 @@ class Args:
     the built-in tinyworld (a tiny SFT policy, proxy and gold RMs, prompts) on a CPU; README.md says more."""
 
     exp_name: str = os.path.basename(__file__).removesuffix(".py")  # the name of this experiment
-    seed: int = 1  # seed of the experiment (value heads, prompt order, sampling)
+    seed: int = 1  # seed of the experiment (new heads, prompt order, sampling)
     torch_deterministic: bool = True  # set torch.backends.cudnn.deterministic (CUDA only: CPU runs always repeat)
     cuda: bool = True  # use CUDA when it is available (--no-cuda forces the CPU)
     track: bool = False  # track this experiment with Weights and Biases
@@ -266,7 +266,7 @@ def forward_logp_all(model, query, query_mask, responses, resp_mask, temperature
     input_ids = torch.cat([query, responses], dim=1)
     mask = torch.cat([query_mask, resp_mask], dim=1)
     with autocast:
-        # use_cache=False: a whole-sequence pass needs no KV cache (and --gradient-checkpointing must not fill one).
+        # use_cache=False: a whole-sequence pass needs no KV cache.
         logits = model(input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
     # The logit at position i predicts token i + 1: keep those that predict the response tokens.
     return torch.log_softmax(logits[:, query.shape[1] - 1 : -1].float() / temperature, dim=-1)
@@ -295,7 +295,8 @@ def masked_mean(x, mask):
 
 
 def whole_batch_mean(x, mask):
-    """masked_mean over the whole rollout batch (one process holds it here; the _multigpu twin's spans the ranks)."""
+    """masked_mean over the whole rollout batch: one process holds it here. (ALGO LOGIC calls this name so that its
+    text is the _multigpu twin's, where the batch spans the ranks and this mean sums over all of them.)"""
     return masked_mean(x, mask)
 
 
@@ -607,7 +608,7 @@ def load_models(args):
 
 
 def optimizer_step(optimizers, scaler, max_grad_norm):
-    """One step of each (optimizer, the parameters it clips) on the gradients backward summed: their global norm
+    """One step of each (optimizer, the parameters it clips) on the gradients of the backward pass: their global norm
     clipped (fp16: unscaled first), a step (fp16: skipped if any is inf or NaN), then cleared."""
     for optimizer, params in optimizers:
         if max_grad_norm is not None:

@@ -53,7 +53,7 @@ class Args:
     the built-in tinyworld (a tiny SFT policy, proxy and gold RMs, prompts) on a CPU; README.md says more."""
 
     exp_name: str = os.path.basename(__file__).removesuffix(".py")  # the name of this experiment
-    seed: int = 1  # seed of the experiment (value heads, prompt order, sampling)
+    seed: int = 1  # seed of the experiment (new heads, prompt order, sampling)
     torch_deterministic: bool = True  # set torch.backends.cudnn.deterministic (CUDA only: CPU runs always repeat)
     cuda: bool = True  # use CUDA when it is available (--no-cuda forces the CPU)
     track: bool = False  # track this experiment with Weights and Biases
@@ -480,7 +480,9 @@ def main():
                     kl_loss = token_kl_loss(new_logprobs, ref_logprobs[i], mask[i], kl_in_loss, args.kl_estimator)
                     loss = pg_loss + args.vf_coef * vf_loss + kl_loss
                     check_finite(loss, update)
-                    scaler.scale(loss * (mask[i].sum() / minibatch_tokens)).backward()  # exactly 1 unless accumulating
+                    scaler.scale(
+                        loss * (mask[i].sum() / minibatch_tokens)
+                    ).backward()  # 1 in one process, no accumulation
                     stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(), **pg_stats, **vf_stats})
                 optimizer_step([(optimizer, params)], scaler, args.max_grad_norm)
         time_update += time.time() - t0

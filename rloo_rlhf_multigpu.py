@@ -54,7 +54,7 @@ class Args:
     the built-in tinyworld (a tiny SFT policy, proxy and gold RMs, prompts) on a CPU; README.md says more."""
 
     exp_name: str = os.path.basename(__file__).removesuffix(".py")  # the name of this experiment
-    seed: int = 1  # seed of the experiment (value heads, prompt order, sampling)
+    seed: int = 1  # seed of the experiment (new heads, prompt order, sampling)
     torch_deterministic: bool = True  # set torch.backends.cudnn.deterministic (CUDA only: CPU runs always repeat)
     cuda: bool = True  # use CUDA when it is available (--no-cuda forces the CPU)
     track: bool = False  # track this experiment with Weights and Biases

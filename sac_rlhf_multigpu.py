@@ -58,7 +58,7 @@ class Args:
     the built-in tinyworld (a tiny SFT policy, proxy and gold RMs, prompts) on a CPU; README.md says more."""
 
     exp_name: str = os.path.basename(__file__).removesuffix(".py")  # the name of this experiment
-    seed: int = 1  # seed of the experiment (value heads, prompt order, sampling)
+    seed: int = 1  # seed of the experiment (new heads, prompt order, sampling)
     torch_deterministic: bool = True  # set torch.backends.cudnn.deterministic (CUDA only: CPU runs always repeat)
     cuda: bool = True  # use CUDA when it is available (--no-cuda forces the CPU)
     track: bool = False  # track this experiment with Weights and Biases
@@ -389,8 +389,10 @@ def main():
     local_minibatch_size = minibatch_size // world_size  # each rank samples its share of every minibatch
     if args.autotune and args.alpha == 0:
         fail("--alpha must be > 0 with --autotune, where it is the initial value (--alpha 0 --no-autotune: no entropy)")
-    if args.learning_starts > args.total_episodes:
-        fail(f"--learning-starts {args.learning_starts} is more than --total-episodes: no gradient step would be taken")
+    if args.learning_starts > min(args.total_episodes, args.buffer_size):  # the buffer never holds more than its size
+        fail(
+            f"--learning-starts {args.learning_starts} is more than --total-episodes or --buffer-size: no step is taken"
+        )
     train_prompts = load_prompts(args.dataset, "--dataset")
     eval_prompts = load_prompts(args.eval_dataset, "--eval-dataset", args.eval_size)
 

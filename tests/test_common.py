@@ -268,6 +268,7 @@ ALGO_BAD_INPUT = {
         (["--target-entropy-scale", "nan"], "--target-entropy-scale"),
         (["--updates-per-rollout", "0"], "--updates-per-rollout"),
         (["--learning-starts", "64"], "--learning-starts"),
+        (["--total-episodes", "96", "--buffer-size", "32", "--learning-starts", "48"], "--learning-starts"),
     ],
 }
 
