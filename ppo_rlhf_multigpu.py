@@ -886,6 +886,8 @@ def state_of(obj):
 
 def sync_to_disk(path):
     """fsync a file, or a folder (its entries: a rename in it), so that a crash or a power cut cannot undo it."""
+    if os.name == "nt" and os.path.isdir(path):  # Windows opens no folder (and its renames need no folder sync)
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
