@@ -114,7 +114,6 @@ NOT_DEFAULT_TESTS = {"test_compare.py", "test_tinyworld.py", "test_fixtures.py"}
 # Tests of the text itself (the same helpers in every script of a tier, the same ALGO LOGIC in a file and its twin,
 # no scale code in a plain file): a mutant of one copy breaks them whatever the mutant does, so none of them counts.
 TEXT_EQUALITY_TESTS = [
-    "tests/test_common.py::test_common_helpers_are_the_same_text_in_every_script",
     "tests/test_tiers.py::test_a_plain_file_and_its_twin_hold_the_same_algo_logic",
     "tests/test_tiers.py::test_each_tier_shares_its_core_plumbing_and_loop_lines_word_for_word",
     "tests/test_tiers.py::test_a_plain_file_holds_no_scale_code_and_refuses_scale_flags",

@@ -1,7 +1,6 @@
 """The shared contract of the three scripts (the README documents it): identical common helpers, the run folder and
 metric keys on every fixture architecture, and bad input stopped with one clear message before training."""
 
-import ast
 import json
 import math
 import os
@@ -52,55 +51,6 @@ ALGO_KEYS = {
 }
 EVAL_KEYS = ["episode", "eval/scores", "eval/kl", "eval/entropy", "eval/response_length", "eval/eos_rate"]
 EVAL_KEYS += ["eval/distinct_1", "eval/distinct_2", "eval/self_similarity"]
-
-
-def top_level_definitions(script):
-    source = (REPO / script).read_text()
-    return {
-        node.name: ast.get_source_segment(source, node)
-        for node in ast.parse(source).body
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
-    }
-
-
-def test_common_helpers_are_the_same_text_in_every_script():
-    """A helper with the same name must be word for word the same, so `diff` shows only the algorithm."""
-    assert SCRIPTS[0] == "ppo_rlhf.py"
-    defs = {s: top_level_definitions(s) for s in SCRIPTS}
-    common = [
-        "fail",
-        "check_args",
-        "load_prompts",
-        "load_pretrained",
-        "tokenize_prompts",
-        "next_prompt_indices",
-        "left_pad",
-        "position_ids",
-        "generate",
-        "response_mask",
-        "backbone_hidden",
-        "forward_logp_all",
-        "forward_logprobs",
-        "get_scores",
-        "masked_mean",
-        "rollout",
-        "batch_stats",
-        "evaluate",
-        "load_models",
-        "load_reward_model",
-        "lerp_parameters",
-        "check_finite",
-        "new_folder",
-        "RunLogger",
-    ]
-    for script in SCRIPTS:
-        missing = [name for name in common if name not in defs[script]]
-        assert not missing, f"{script} lacks common helpers {missing}"
-    for name in set().union(*defs.values()) - {"Args", "main"}:  # Args: only its common fields (below); main: the loop
-        texts = {s: d[name] for s, d in defs.items() if name in d}
-        assert len(set(texts.values())) == 1, f"{name} differs between {sorted(texts)}"
-    args = {s: d["Args"].split("# Algorithm specific arguments")[0] for s, d in defs.items()}
-    assert len(set(args.values())) == 1, "the common Args fields differ"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

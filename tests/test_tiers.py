@@ -19,6 +19,33 @@ ALGOS = ["ppo", "rloo", "sac"]
 PLAIN = [f"{a}_rlhf.py" for a in ALGOS]
 TWINS = [f"{a}_rlhf_multigpu.py" for a in ALGOS]
 
+# Helpers every script of a tier holds (the same text in each: the test below).
+COMMON_HELPERS = [
+    "fail",
+    "check_args",
+    "load_prompts",
+    "load_pretrained",
+    "tokenize_prompts",
+    "next_prompt_indices",
+    "left_pad",
+    "position_ids",
+    "generate",
+    "response_mask",
+    "backbone_hidden",
+    "forward_logp_all",
+    "forward_logprobs",
+    "get_scores",
+    "masked_mean",
+    "rollout",
+    "batch_stats",
+    "evaluate",
+    "load_models",
+    "load_reward_model",
+    "lerp_parameters",
+    "check_finite",
+    "new_folder",
+    "RunLogger",
+]
 # Names that are scale code: none may appear in a plain file's code (comments and docstrings may name the twin's).
 SCALE_NAMES = {
     "distributed", "rank", "world_size", "local_batch_size", "micro_batch_size", "chunked", "all_gather",
@@ -95,9 +122,13 @@ def test_a_plain_file_and_its_twin_hold_the_same_algo_logic(algo):
 
 @pytest.mark.parametrize("tier", [PLAIN, TWINS], ids=["plain", "twins"])
 def test_each_tier_shares_its_core_plumbing_and_loop_lines_word_for_word(tier):
-    """A helper with the same name is word for word the same in every script of a tier, so is the common part of
-    Args, and the loop's shared lines (MAIN_ANCHORS) are the same lines in the three mains."""
+    """Every script of a tier holds the common helpers, a helper with the same name is word for word the same in every
+    script of a tier (so `diff` shows only the algorithm), so is the common part of Args, and the loop's shared lines
+    (MAIN_ANCHORS) are the same lines in the three mains."""
     defs = {s: definitions(s) for s in tier}
+    for script in tier:
+        missing = [name for name in COMMON_HELPERS if name not in defs[script]]
+        assert not missing, f"{script} lacks common helpers {missing}"
     for name in set().union(*defs.values()) - {"Args", "main"}:
         texts = {s: d[name] for s, d in defs.items() if name in d}
         assert len(set(texts.values())) == 1, f"{name} differs between {sorted(texts)}"
