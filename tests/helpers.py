@@ -491,6 +491,27 @@ def record_optimizer_steps(monkeypatch) -> list[dict]:
     return steps
 
 
+SCRIPT_FILES = ("_rlhf.py", "_rlhf_multigpu.py")  # the scripts' own frames end in one of these
+
+
+@contextlib.contextmanager
+def profiling(profile):
+    """sys.setprofile(profile) for the `with` block, after any profiler already installed (another recorder keeps
+    recording, whichever was entered first)."""
+    previous = sys.getprofile()
+
+    def chained(frame, event, arg):
+        if previous is not None:
+            previous(frame, event, arg)
+        profile(frame, event, arg)
+
+    sys.setprofile(chained)
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
+
+
 @contextlib.contextmanager
 def record_calls(*names: str):
     """Record every call, made inside the `with` block, of the scripts' functions with these names (functions and
@@ -503,7 +524,7 @@ def record_calls(*names: str):
 
     def profile(frame, event, arg):
         code = frame.f_code
-        if code.co_name not in calls or not code.co_filename.endswith(("_rlhf.py", "_rlhf_multigpu.py")):
+        if code.co_name not in calls or not code.co_filename.endswith(SCRIPT_FILES):
             return
         if event == "call":
             open_calls[id(frame)] = dict(frame.f_locals)  # at the call: the arguments only
@@ -511,12 +532,8 @@ def record_calls(*names: str):
         elif event == "return" and id(frame) in open_calls:
             open_calls.pop(id(frame))["return"] = arg
 
-    previous = sys.getprofile()
-    sys.setprofile(profile)
-    try:
+    with profiling(profile):
         yield calls
-    finally:
-        sys.setprofile(previous)
 
 
 @contextlib.contextmanager
@@ -524,20 +541,14 @@ def caller_snapshots(name: str, take):
     """At every call, made inside the `with` block, of the scripts' function `name`, append take(caller) to the yielded
     list, where caller is the calling script frame's locals (e.g. the main loop's models, as they are at that time)."""
     snapshots = []
-    previous = sys.getprofile()  # another recorder's (record_calls), which keeps recording
 
     def profile(frame, event, arg):
-        if previous is not None:
-            previous(frame, event, arg)
         code = frame.f_code
-        if event == "call" and code.co_name == name and code.co_filename.endswith(("_rlhf.py", "_rlhf_multigpu.py")):
+        if event == "call" and code.co_name == name and code.co_filename.endswith(SCRIPT_FILES):
             caller = frame.f_back  # the script's frame that called it (past a decorator's, e.g. torch.no_grad's)
-            while not caller.f_code.co_filename.endswith(("_rlhf.py", "_rlhf_multigpu.py")):
+            while not caller.f_code.co_filename.endswith(SCRIPT_FILES):
                 caller = caller.f_back
             snapshots.append(take(caller.f_locals))
 
-    sys.setprofile(profile)
-    try:
+    with profiling(profile):
         yield snapshots
-    finally:
-        sys.setprofile(previous)
