@@ -202,7 +202,7 @@ def get_values(value_model, query, query_mask, responses, resp_mask, autocast):
     return value_model.score(hidden[:, query.shape[1] - 1 : -1]).squeeze(-1).float()
 
 
-# ====== RLHF CORE: generation, log-probs, reward scoring and the rollout (the same text in all three scripts) ======
+# ====== RLHF CORE: generation, log-probs, reward scoring and the rollout (the same text in every script) ======
 def left_pad(seqs, pad_id, device):
     """Stack token lists into a left-padded batch, so every response starts at the same column: (ids, mask)."""
     width = max(len(s) for s in seqs)
@@ -428,7 +428,7 @@ def main():
     logger.finish(policy, tokenizer, start_time)
 
 
-# === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
+# === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in every script) ===
 def fail(message):
     """Stop with one line that names the flag and the fix (no traceback)."""
     for bar in list(tqdm._instances):  # end the progress bar's line first, so the message starts its own

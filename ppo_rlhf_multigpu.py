@@ -217,7 +217,7 @@ def get_values(value_model, query, query_mask, responses, resp_mask, autocast):
     return value_model.score(hidden[:, query.shape[1] - 1 : -1]).squeeze(-1).float()
 
 
-# ====== RLHF CORE: generation, log-probs, reward scoring and the rollout (the same text in all three scripts) ======
+# ====== RLHF CORE: generation, log-probs, reward scoring and the rollout (the same text in every script) ======
 def left_pad(seqs, pad_id, device):
     """Stack token lists into a left-padded batch, so every response starts at the same column: (ids, mask)."""
     width = max(len(s) for s in seqs)
@@ -515,7 +515,7 @@ def main():
     logger.finish(policy, tokenizer, start_time)
 
 
-# === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
+# === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in every script) ===
 def fail(message, every_rank=False):
     """Stop with one line that names the flag and the fix (no traceback). Under torchrun every rank finds a bad flag and
     rank 0 alone says it; what one rank can meet alone (a NaN in its share) is said by every rank that meets it."""

@@ -198,7 +198,7 @@ def critic_loss(q_all, responses, targets, mask):
     return loss, {"loss/q": loss.item(), "sac/q_mean": masked_mean(q_taken.detach().min(-1).values, mask).item()}
 
 
-# ====== RLHF CORE: generation, log-probs, reward scoring and the rollout (the same text in all three scripts) ======
+# ====== RLHF CORE: generation, log-probs, reward scoring and the rollout (the same text in every script) ======
 def left_pad(seqs, pad_id, device):
     """Stack token lists into a left-padded batch, so every response starts at the same column: (ids, mask)."""
     width = max(len(s) for s in seqs)
@@ -438,7 +438,7 @@ def main():
     logger.finish(policy, tokenizer, start_time)
 
 
-# === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
+# === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in every script) ===
 def fail(message):
     """Stop with one line that names the flag and the fix (no traceback)."""
     for bar in list(tqdm._instances):  # end the progress bar's line first, so the message starts its own

@@ -212,7 +212,7 @@ def critic_loss(q_all, responses, targets, mask):
     return loss, {"loss/q": loss.item(), "sac/q_mean": masked_mean(q_taken.detach().min(-1).values, mask).item()}
 
 
-# ====== RLHF CORE: generation, log-probs, reward scoring and the rollout (the same text in all three scripts) ======
+# ====== RLHF CORE: generation, log-probs, reward scoring and the rollout (the same text in every script) ======
 def left_pad(seqs, pad_id, device):
     """Stack token lists into a left-padded batch, so every response starts at the same column: (ids, mask)."""
     width = max(len(s) for s in seqs)
@@ -529,7 +529,7 @@ def main():
     logger.finish(policy, tokenizer, start_time)
 
 
-# === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in all three scripts) ===
+# === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in every script) ===
 def fail(message, every_rank=False):
     """Stop with one line that names the flag and the fix (no traceback). Under torchrun every rank finds a bad flag and
     rank 0 alone says it; what one rank can meet alone (a NaN in its share) is said by every rank that meets it."""
