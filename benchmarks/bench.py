@@ -133,7 +133,7 @@ def update_flops(script, run_args):
         flops += (
             run_args["num_ppo_epochs"] * 3 * (forward_flops(policy, rows, length) + forward_flops(rm, rows, length))
         )
-    elif script.startswith("rloo_rlhf"):
+    elif script.startswith(("rloo_rlhf", "grpo_rlhf")):
         flops += run_args["num_ppo_epochs"] * 3 * forward_flops(policy, rows, length)
     else:
         vocab = AutoConfig.from_pretrained(run_args["model_name"]).vocab_size

@@ -54,7 +54,8 @@ from dataclasses import dataclass, field
 import tyro
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"]
+SCRIPTS = ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"]  # the default runs (results/head_to_head's command)
+RUNNABLE = [*SCRIPTS, "grpo_rlhf.py"]
 MIN_R2_TO_DRAW = 0.5  # kl.png draws a Gao et al. fit only where it explains at least half the variance
 RUNNER_FLAGS = ["--seed", "--output-dir", "--overwrite-output-dir", "--save-model", "--no-save-model"]
 
@@ -98,8 +99,8 @@ def check_args(args):
         fail("--runs and --seeds need at least one value each")
     for run in args.runs:
         script, _, patch = (shlex.split(run) or [""])[0].partition("+")
-        if script not in SCRIPTS:
-            fail(f"--runs: '{run}' must start with one of {', '.join(SCRIPTS)}")
+        if script not in RUNNABLE:
+            fail(f"--runs: '{run}' must start with one of {', '.join(RUNNABLE)}")
         if patch and not (patch.startswith("experiments/") and os.path.isfile(os.path.join(REPO, patch))):
             fail(f"--runs: '{run}': {patch} is not a patch in this repository's experiments/ folder")
         if patch:

@@ -10,7 +10,7 @@ Usage (from the repository root):
     python tests/mutate.py --jobs 2 --report runs/mutate/report.md  # the full campaign (hours on a small CPU)
 
 Options:
-    --scripts S [S ...]     scripts to mutate (default: ppo_rlhf.py rloo_rlhf.py sac_rlhf.py, those that exist)
+    --scripts S [S ...]     scripts to mutate (default: the four plain files, those that exist)
     --functions F [F ...]   top-level functions/classes mutated in every script, besides the "ALGO LOGIC"
                             section and the training loop (default: CORE_HELPERS below)
     --max-per-line K        at most K mutants per line, spread over the operators (default 2)
@@ -94,7 +94,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SCRIPTS = ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"]
+DEFAULT_SCRIPTS = ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py", "grpo_rlhf.py"]
 CORE_HELPERS = [
     "generate",
     "response_mask",

@@ -19,7 +19,7 @@ from tests.helpers import (
     run_script,
 )
 
-SCRIPTS = [s for s in ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"] if (REPO / s).exists()]
+SCRIPTS = [s for s in ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py", "grpo_rlhf.py"] if (REPO / s).exists()]
 COMMON_TRAIN_KEYS = [
     "episode",
     "update",
@@ -48,6 +48,8 @@ ALGO_KEYS = {
     ],
     "rloo_rlhf.py": ["rloo/advantage_std", "rloo/baseline_mean"],
     "sac_rlhf.py": ["loss/q", "sac/q_mean", "sac/alpha", "loss/alpha", "sac/entropy_target", "sac/buffer_size"],
+    "grpo_rlhf.py": ["grpo/approxkl", "grpo/clipfrac", "grpo/ratio_mean", "grpo/reward_std", "grpo/zero_std_frac"]
+    + ["grpo/length_advantage_pos", "grpo/length_advantage_neg"],
 }
 EVAL_KEYS = ["episode", "eval/scores", "eval/kl", "eval/entropy", "eval/response_length", "eval/eos_rate"]
 EVAL_KEYS += ["eval/distinct_1", "eval/distinct_2", "eval/self_similarity"]
@@ -184,6 +186,10 @@ ALGO_BAD_INPUT = {
         (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps"),
         (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps"),
     ],
+    "grpo_rlhf_multigpu.py": [
+        (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps"),
+        (["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps"),
+    ],
     "ppo_rlhf.py": [
         (["--num-ppo-epochs", "0"], "--num-ppo-epochs"),
         (["--num-minibatches", "0"], "--num-minibatches"),
@@ -196,6 +202,14 @@ ALGO_BAD_INPUT = {
         (["--max-grad-norm", "0"], "--max-grad-norm"),
         (["--kl-target", "0"], "--kl-target"),
         (["--kl-horizon", "0"], "--kl-horizon"),
+    ],
+    "grpo_rlhf.py": [
+        (["--num-generations", "3"], "--num-generations"),
+        (["--num-generations", "1"], "--num-generations"),
+        (["--num-ppo-epochs", "0"], "--num-ppo-epochs"),
+        (["--clip-coef", "0"], "--clip-coef"),
+        (["--clip-coef-high", "-0.1"], "--clip-coef-high"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm"),
     ],
     "rloo_rlhf.py": [
         (["--rloo-k", "3"], "--rloo-k"),
@@ -374,7 +388,7 @@ def test_non_finite_loss_stops_without_saving(script, tmp_path, llama):
     )
     assert code != 0 and "Traceback" not in stderr, stderr[-3000:]
     # PPO's and SAC's several steps per rollout meet the NaN in a loss; RLOO's single step first meets it when sampling.
-    if script == "rloo_rlhf.py":
+    if script in ["rloo_rlhf.py", "grpo_rlhf.py"]:
         assert "next-token probabilities are not finite" in stderr
     else:
         assert "non-finite loss" in stderr and "at update 1;" in stderr
@@ -550,9 +564,12 @@ def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, t
     extra = {
         "ppo_rlhf.py": ["--num-ppo-epochs", "2"],  # not --num-minibatches (4): each count in its place
         "rloo_rlhf.py": [],
+        "grpo_rlhf.py": ["--kl-estimator", "k2"],
         "sac_rlhf.py": ["--autotune", "--alpha", "0.1", "--q-learning-rate", "3e-3"],
     }[script]
-    with record_calls("rollout", "evaluate", "generate", "batch_stats", "token_kl_loss", "sequence_kl_loss") as calls:
+    with record_calls(
+        "rollout", "evaluate", "generate", "batch_stats", "token_kl_loss", "sequence_kl_loss", "kl_penalty"
+    ) as calls:
         code, _, stderr = run_main(
             script,
             *llama.args(),
@@ -583,7 +600,9 @@ def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, t
     assert len(calls["generate"]) == 4 + 2 * 5 and all(is_policy(call["model"]) for call in calls["generate"])
     rates = [[s["lr"] for s in steps if s["optimizer"] is opt] for opt in optimizers]
     factors = [1, 0.75, 0.5, 0.25]  # update u of 4 runs at (1 - (u - 1) / 4) of the initial rate
-    per_update = {"ppo_rlhf.py": 8, "rloo_rlhf.py": 1, "sac_rlhf.py": 4}[script]  # PPO: 2 epochs x 4 minibatches
+    per_update = {"ppo_rlhf.py": 8, "rloo_rlhf.py": 1, "sac_rlhf.py": 4, "grpo_rlhf.py": 1}[
+        script
+    ]  # PPO: 2 epochs x 4 minibatches
     assert rates[0] == pytest.approx([1e-3 * f for f in factors for _ in range(per_update)])
     if script == "sac_rlhf.py":  # the critic's and alpha's rates decay alongside, from --q-learning-rate
         assert len(optimizers) == 3 and rates[1] == rates[2] == pytest.approx([3 * x for x in rates[0]])
@@ -595,6 +614,8 @@ def test_learning_rates_decay_linearly_to_zero_over_the_updates(script, llama, t
         read = (call["logprobs"], call["ref_logprobs"], call["scores"])
         assert any(all(a is b for a, b in zip(read, (r[3], r[4], r[6]))) for r in rollouts)
     kl_losses = calls["token_kl_loss"] + calls["sequence_kl_loss"]  # PPO's, RLOO's (with kl_coef 0 in the reward)
+    if script == "grpo_rlhf.py":  # GRPO's KL term in the loss (its default): the kl_penalty calls that take a gradient
+        kl_losses = [c for c in calls["kl_penalty"] if c["logprobs"].requires_grad]
     assert len(kl_losses) == (0 if script == "sac_rlhf.py" else 4 * per_update)
     assert all(c["logprobs"].requires_grad and not c["ref_logprobs"].requires_grad for c in kl_losses)
 
@@ -824,6 +845,7 @@ def test_kl_in_the_loss_pulls_the_policy_towards_the_reference(script, llama, tm
 ACCUMULATION_FLAGS = {
     "ppo_rlhf_multigpu.py": ["--num-minibatches", "2", "--num-ppo-epochs", "1"],  # minibatches of 8, micro 2
     "rloo_rlhf_multigpu.py": ["--kl-in", "loss", "--kl-estimator", "k2"],
+    "grpo_rlhf_multigpu.py": ["--loss-type", "dapo"],  # its weights read the whole batch's lengths
 }  # the KL term accumulated too
 
 

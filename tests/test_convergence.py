@@ -108,3 +108,15 @@ def test_sac_with_the_factored_critic_converges_with_eos_handling(tmp_path):
     assert start > 1.0  # the optimum is far from where training starts
     # Measured over seeds 1-3: 0.015, 0.038, 0.035 (the default heads: 0.023-0.038).
     assert end < 0.08, f"KL(pi || pi*) = {end:.4f} (started at {start:.4f})"
+
+
+def test_grpo_with_the_unbiased_settings_converges_with_eos_handling(tmp_path):
+    """--loss-type dr_grpo --no-scale-rewards --kl-in reward --kl-estimator k1: an advantage RLOO's times (k - 1) / k
+    and a constant loss weight, so the expected step is the objective's gradient (test_grpo.py): pi* is the limit."""
+    unbiased = ["--loss-type", "dr_grpo", "--no-scale-rewards", "--kl-in", "reward", "--kl-estimator", "k1"]
+    start, end = en.train_and_measure_eos(
+        "grpo_rlhf.py", tmp_path, "--total-episodes", "6400", "--learning-rate", "1e-3", *unbiased
+    )
+    assert start > 1.0  # the optimum is far from where training starts
+    # Measured over seeds 1-3: 0.015-0.042 (GRPO's defaults end at 3.5-3.6, farther than pi_ref: docs/grpo.md).
+    assert end < 0.1, f"KL(pi || pi*) = {end:.4f} (started at {start:.4f})"

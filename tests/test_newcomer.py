@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from tests.helpers import OFFLINE_ENV, REPO, TINY, read_jsonl, run_main, run_script
 
-SCRIPTS = [s for s in ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py"] if (REPO / s).exists()]
+SCRIPTS = [s for s in ["ppo_rlhf.py", "rloo_rlhf.py", "sac_rlhf.py", "grpo_rlhf.py"] if (REPO / s).exists()]
 
 
 def one_error_line(code, stderr):

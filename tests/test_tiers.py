@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import OFFLINE_ENV, REPO, run_main
 
-ALGOS = ["ppo", "rloo", "sac"]
+ALGOS = ["ppo", "rloo", "sac", "grpo"]
 PLAIN = [f"{a}_rlhf.py" for a in ALGOS]
 TWINS = [f"{a}_rlhf_multigpu.py" for a in ALGOS]
 

@@ -1,0 +1,1050 @@
+"""GRPO for RLHF: group-relative policy optimisation with a per-token clipped ratio, and its 2025 corrections.
+
+Each update samples G = --num-generations responses to each of a batch of prompts; each response gets one reward R_i
+(the RM score; with --kl-in reward also - kl_coef * sum_t k_t) and the advantage A_i = (R_i - mean of its group's G
+rewards) / (their std) (--no-scale-rewards: no division), shared by all its tokens. The loss is PPO's clipped surrogate
+per token, weighted per response by --loss-type, with GRPO's KL term in the loss: kl_coef * k3 per token (the
+defaults --kl-estimator k3 --kl-in loss). Unlike RLOO's, this baseline includes the response itself.
+
+Papers: GRPO, DeepSeekMath (Shao et al. 2024, https://arxiv.org/abs/2402.03300, eq. 3 and sec. 4.1.2); Dr. GRPO
+(Liu et al. 2025, https://arxiv.org/abs/2503.20783, sec. 3.1: no std scaling, a constant length normaliser); DAPO (Yu
+et al. 2025, https://arxiv.org/abs/2503.14476: clip-higher, a token-level loss); TRL's GRPOTrainer `loss_type`s
+(https://huggingface.co/docs/trl/grpo_trainer); KL estimators (Schulman 2020, http://joschu.net/blog/kl-approx.html)
+and what their gradients are in a loss (Tang & Munos 2025, https://arxiv.org/abs/2506.09477).
+"N details, <section> #k": item k of that section of "The N Implementation Details of RLHF with PPO" (Huang et al.
+2023, https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo); "N+": Huang et al. 2024,
+https://arxiv.org/abs/2403.17031. Style: CleanRL (one file, the algorithm first, a flat loop); flags: docs/usage.md.
+
+The scale twin of grpo_rlhf.py: the same algorithm (the same ALGO LOGIC text) plus what 1B-8B models on many GPUs
+need, and nothing else; `diff grpo_rlhf.py grpo_rlhf_multigpu.py` shows exactly this (docs/scale.md walks through it):
+- torchrun data parallel: each rank samples its share of --batch-size with its own seed; gradients
+  are averaged over the ranks; batch statistics and the logged records are the global batch's; rank 0 evaluates;
+- checkpoints (--save-every) and --resume: a stopped run goes on as if it had never stopped (same number of processes);
+- memory flags that change no number: --gradient-checkpointing, --rollout-micro-batch-size and
+  --gradient-accumulation-steps.
+One process (plain `python`) gives the same numbers as grpo_rlhf.py.
+
+Usage: torchrun --nproc-per-node 2 grpo_rlhf_multigpu.py --help   (or plain `python`: one process)
+"""
+
+import contextlib
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import transformers
+import tyro
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+transformers.utils.logging.disable_progress_bar()  # keep the output to our own progress bar
+
+
+@dataclass
+class Args:
+    """Fine-tune a causal LM against a reward model with a KL penalty to its frozen initial self. The defaults train
+    the built-in tinyworld (a tiny SFT policy, proxy and gold RMs, prompts) on a CPU; README.md says more."""
+
+    exp_name: str = os.path.basename(__file__).removesuffix(".py")  # the name of this experiment
+    seed: int = 1  # seed of the experiment (new heads, prompt order, sampling)
+    torch_deterministic: bool = True  # set torch.backends.cudnn.deterministic (CUDA only: CPU runs always repeat)
+    cuda: bool = True  # use CUDA when it is available (--no-cuda forces the CPU)
+    track: bool = False  # track this experiment with Weights and Biases
+    wandb_project_name: str = "rlhf"  # the wandb's project name
+    wandb_entity: str | None = None  # the entity (team) of wandb's project
+    model_name: str = "tinyworld/sft"  # policy initialisation and frozen reference: a hub name or a local folder
+    reward_model_name: str = "tinyworld/reward_model"  # the reward model RL optimises (sequence classifier, 1 label)
+    gold_reward_model_name: str | None = "tinyworld/gold_reward_model"  # a second RM used only to evaluate
+    dataset: str = "tinyworld/prompts_train.jsonl"  # training prompts: .jsonl with a `prompt` field, or a hub dataset
+    eval_dataset: str = "tinyworld/prompts_eval.jsonl"  # evaluation prompts, same format as --dataset
+    max_prompt_length: int = 16  # prompts longer than this many tokens are truncated from the left
+    response_length: int = 24  # maximum number of new tokens per response
+    temperature: float = 1.0  # sampling temperature; training log-probs are computed from logits / temperature
+    stop_at_eos: bool = True  # truncate each response after its first EOS; off = fixed-length responses
+    missing_eos_penalty: float | None = 1.0  # subtracted from the score of a response with no EOS (None disables)
+    total_episodes: int = 16384  # number of sampled responses over the whole run
+    batch_size: int = 64  # responses sampled per rollout
+    learning_rate: float = 3e-4  # the policy's learning rate
+    kl_coef: float = 0.05  # beta, the weight of the KL penalty to the reference policy
+    ref_sync_every: int = 0  # every N updates set ref <- mix * policy + (1 - mix) * ref; 0 = never
+    ref_sync_mix: float = 1.0  # the mix of the reference reset (1.0 = copy the policy)
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # autocast dtype; auto = bf16 on CUDA, no on CPU
+    eval_every: int = 2048  # evaluate every N episodes (and before and after training)
+    eval_size: int = 128  # number of evaluation prompts (the first N of --eval-dataset)
+    output_dir: str | None = None  # run folder; default runs/<run_name> (a new folder for every run)
+    overwrite_output_dir: bool = False  # replace the run in --output-dir (its records and model are deleted first)
+    save_model: bool = True  # save the final policy and tokenizer to <output-dir>/model
+    save_every: int = 0  # write a resumable checkpoint every N episodes (0 = never); see --resume
+    resume: bool = False  # continue the run in --output-dir from its last checkpoint, with the flags in its args.json
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward pass instead of keeping them
+    rollout_micro_batch_size: int | None = None  # rows per no-grad forward pass (rollouts, evaluation); None = all
+
+    # Algorithm specific arguments
+    num_generations: int = 4  # G, responses sampled per prompt; each rollout holds batch_size / G prompts
+    num_ppo_epochs: int = 1  # passes over each rollout batch (GRPO's mu); 1 = on-policy, where the clip never acts
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (gradients summed), to bound memory
+    clip_coef: float = 0.2  # epsilon: each token's ratio is clipped to [1 - clip_coef, 1 + clip_coef_high]
+    clip_coef_high: float | None = None  # DAPO's clip-higher upper epsilon (it uses 0.28); None = --clip-coef
+    scale_rewards: bool = True  # divide each advantage by its group's reward std (GRPO); off = Dr. GRPO's advantage
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"  # how token losses are averaged (see response_weights)
+    max_grad_norm: float | None = 1.0  # global gradient-norm clip (None disables)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # the per-token KL estimator of Schulman 2020 (see kl_penalty)
+    kl_in: Literal["reward", "loss"] = "loss"  # put the KL penalty in the reward, or add it to the loss (GRPO's)
+
+    def __post_init__(self):  # (after every field: a method between fields hides the next field's --help line)
+        if self.gold_reward_model_name is not None and self.gold_reward_model_name.strip().lower() in ("", "none"):
+            self.gold_reward_model_name = None  # --gold-reward-model-name none, "" or None: no gold model
+        for name in ["model_name", "reward_model_name", "gold_reward_model_name", "dataset", "eval_dataset"]:
+            path = getattr(self, name)  # a tinyworld/ path that is not in the working folder is the one beside this
+            if path is not None and path.startswith("tinyworld/") and not os.path.exists(path):
+                setattr(self, name, os.path.join(os.path.dirname(os.path.abspath(__file__)), path))
+
+
+# ======= ALGO LOGIC: this algorithm's losses and estimators (below them, the core and the plumbing are shared) ========
+ALGO_RANGES = {  # the allowed interval of each numeric flag of this algorithm (see COMMON_RANGES)
+    "[2, inf)": ["num_generations"],
+    "[1, inf)": ["num_ppo_epochs"],
+    "(0, inf)": ["clip_coef", "clip_coef_high", "max_grad_norm"],
+}
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator):
+    """Per-token KL estimate from the log-ratio log pi - log pi_ref of sampled tokens (Schulman 2020, "Approx. KL").
+    In the reward (--kl-in reward) only log pi's score function carries gradient: with k1 its expectation is the
+    gradient of the sequence KL(pi || pi_ref); with k2 or k3, that of a frozen penalty, not of the KL. As a loss
+    (--kl-in loss), through log pi: k1 -> 0; k2 -> grad KL(pi || pi_ref) at each visited state, without the future-KL
+    terms; k3 -> grad KL(pi_ref || pi) (the forward KL) at each visited state."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    return torch.exp(-log_ratio) - 1 + log_ratio  # k3: (r - 1) - log r with r = pi_ref / pi
+
+
+def sequence_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator):
+    """One reward per response: R = RM score - kl_coef * sum_t k_t, the KL estimate summed over its real tokens."""
+    return scores - kl_coef * (kl_penalty(logprobs, ref_logprobs, estimator) * mask).sum(1)
+
+
+def grpo_advantages(rewards, k, scale_rewards):
+    """Group-relative advantages for rewards laid out as consecutive groups of k responses per prompt (Shao et al.
+    2024, sec. 4.1.2): A_i = (R_i - mean_j R_j) / (std_j R_j + 1e-4) over the k responses j of its prompt, the std
+    with Bessel's correction and the 1e-4 as TRL's; --no-scale-rewards keeps R_i - mean_j R_j (Dr. GRPO).
+    The mean includes R_i itself: R_i - mean_j R_j = (k - 1) / k (R_i - mean of the other k - 1), RLOO's unbiased
+    advantage shrunk by (k - 1) / k. Dividing by the std is not: it weights prompts whose responses score alike
+    (too easy or too hard) up (Liu et al. 2025, sec. 3.1). Returns (advantages, each group's reward std), flat."""
+    grouped = rewards.view(-1, k)
+    std = grouped.std(1, keepdim=True)
+    advantages = grouped - grouped.mean(1, keepdim=True)
+    if scale_rewards:
+        advantages = advantages / (std + 1e-4)
+    return advantages.flatten(), std.expand_as(grouped).flatten()
+
+
+def response_weights(mask, loss_type, max_length):
+    """The weight w_i of each token of response i in the loss mean_i w_i sum_t l_it ([batch], no gradient), which
+    makes --loss-type (TRL's names):
+    grpo: w_i = 1 / |y_i|, the mean over each response's tokens, then over responses (Shao et al. 2024, eq. 3): a
+        token of a short response counts more, so a long response's tokens are pushed less, whether A_i is good or
+        bad (Liu et al. 2025, sec. 3.1, show it lengthens wrong answers);
+    dr_grpo: w_i = 1 / --response-length, one constant (Liu et al. 2025): the sum over all tokens, unbiased;
+    dapo: w_i = 1 / (mean |y_j| over the whole batch): the mean over all the batch's tokens (Yu et al. 2025, eq. 12),
+        every token alike, which still depends on the other responses' lengths."""
+    lengths = mask.sum(1)  # [batch]
+    if loss_type == "grpo":
+        return 1.0 / lengths.clamp(min=1)
+    if loss_type == "dr_grpo":
+        return torch.full_like(lengths, 1.0 / max_length)
+    return torch.full_like(lengths, 1.0) / whole_batch_mean(lengths, torch.ones_like(lengths)).clamp(min=1)
+
+
+def aggregate(per_token_loss, weights, mask):
+    """mean_i w_i sum_t l_it over the real tokens t of the responses i: the loss of every --loss-type."""
+    return ((per_token_loss * mask).sum(1) * weights).mean()
+
+
+def grpo_policy_loss(logprobs, old_logprobs, advantages, weights, mask, clip_low, clip_high):
+    """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7), with the response's advantage at every token:
+    l_it = max(-A_i rho_it, -A_i clip(rho_it, 1 - eps_low, 1 + eps_high)), rho_it = pi(y_it | s_it) / pi_old(y_it |
+    s_it), aggregated by `aggregate`. eps_high > eps_low is DAPO's clip-higher (Yu et al. 2025, sec. 3.1): a token
+    whose probability rises with A_i > 0 may rise further before its gradient stops. At ratio 1 the gradient is
+    -mean_i w_i A_i sum_t grad log pi(y_it | s_it). "grpo/clipfrac": the fraction of tokens whose gradient the clip
+    stopped (ratio past 1 + eps_high with A > 0, or below 1 - eps_low with A < 0). Returns (loss, its statistics)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.unsqueeze(1)  # [batch, 1]: one advantage for every token of a response
+    losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    with torch.no_grad():
+        clipped = ((ratio > 1 + clip_high) & (advantages > 0)) | ((ratio < 1 - clip_low) & (advantages < 0))
+        stats = {
+            "grpo/approxkl": (0.5 * masked_mean(log_ratio**2, mask)).item(),
+            "grpo/clipfrac": masked_mean(clipped.float(), mask).item(),
+            "grpo/ratio_mean": masked_mean(ratio, mask).item(),
+        }
+    loss = aggregate(losses, weights, mask)
+    return loss, {"loss/policy": loss.item(), **stats}
+
+
+# ====== RLHF CORE: generation, log-probs, reward scoring and the rollout (the same text in every script) ======
+def left_pad(seqs, pad_id, device):
+    """Stack token lists into a left-padded batch, so every response starts at the same column: (ids, mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+def position_ids(mask):
+    """Positions that count only real tokens, so left padding does not shift them (N details, General #3)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(model, query, query_mask, args, eos_id, generator, autocast):
+    """Sample up to --response-length tokens [batch, time] from softmax(logits / temperature) with a KV cache, until
+    every row has an EOS (--stop-at-eos). No top-k/top-p: the training log-probs are those of the sampled one."""
+    ids, mask, positions = query, query_mask, position_ids(query_mask)
+    cache, tokens = None, []
+    ended = torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)
+    for _ in range(args.response_length):
+        with autocast:
+            out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        probs = torch.softmax(out.logits[:, -1].float() / args.temperature, dim=-1)  # [batch, vocab]
+        if not torch.isfinite(probs).all():  # say so rather than sample garbage
+            fail(
+                "the policy's next-token probabilities are not finite; nothing saved: lower --learning-rate",
+                every_rank=True,
+            )
+        next_token = torch.multinomial(probs, 1, generator=generator)  # [batch, 1]
+        tokens.append(next_token)
+        ended |= next_token[:, 0] == eos_id
+        if args.stop_at_eos and ended.all():
+            break
+        ids, positions = next_token, positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+    return torch.cat(tokens, dim=1)
+
+
+def response_mask(responses, eos_id, pad_id, stop_at_eos):
+    """Mask of real tokens, responses with pad after their first EOS (a real token: with --stop-at-eos it ends them),
+    and whether each has an EOS. From positions, never ids: pad and EOS can be the same id (GPT-2, Pythia)."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(dim=1)
+    if not stop_at_eos:
+        return torch.ones_like(responses), responses, has_eos
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).long(), responses.masked_fill(after_eos, pad_id), has_eos
+
+
+def backbone_hidden(model, query, query_mask, responses, resp_mask, autocast):
+    """Last hidden states [batch, prompt + time, hidden] of a sequence-classification model's backbone."""
+    input_ids = torch.cat([query, responses], dim=1)
+    mask = torch.cat([query_mask, resp_mask], dim=1)
+    with autocast:
+        backbone = getattr(model, model.base_model_prefix)  # e.g. `.model` for Llama, `.transformer` for GPT-2
+        out = backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def forward_logp_all(model, query, query_mask, responses, resp_mask, temperature, autocast):
+    """log pi(. | s_t) over the vocabulary at every response position t, [batch, time, vocab], fp32, from logits / T."""
+    input_ids = torch.cat([query, responses], dim=1)
+    mask = torch.cat([query_mask, resp_mask], dim=1)
+    with autocast:
+        # use_cache=False: a whole-sequence pass needs no KV cache (and --gradient-checkpointing must not fill one).
+        logits = model(input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+    # The logit at position i predicts token i + 1: keep those that predict the response tokens.
+    return torch.log_softmax(logits[:, query.shape[1] - 1 : -1].float() / temperature, dim=-1)
+
+
+def forward_logprobs(model, query, query_mask, responses, resp_mask, temperature, autocast):
+    """Per-token log pi(y_t | x, y_<t) and exact entropy, [batch, time], fp32, from logits / temperature; 0 at padding
+    (at a low temperature a padded token's log-prob can be -1e3: exp(-log ratio) would be inf, and inf * 0 NaN)."""
+    logp_all = forward_logp_all(model, query, query_mask, responses, resp_mask, temperature, autocast)
+    logprobs = logp_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    padding = resp_mask == 0
+    return logprobs.masked_fill(padding, 0.0), entropy.masked_fill(padding, 0.0)
+
+
+@torch.no_grad()
+def get_scores(reward_model, query, query_mask, responses, resp_mask, autocast):
+    """The RM's scalar score [batch], read at the last real token of prompt + truncated response."""
+    hidden = backbone_hidden(reward_model, query, query_mask, responses, resp_mask, autocast)
+    last = query.shape[1] + resp_mask.sum(1) - 1
+    return reward_model.score(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def chunked(size, fn, *inputs):
+    """fn(*inputs) on successive slices of `size` rows (all rows at once if None), concatenated: the same numbers with
+    the memory of one slice (--rollout-micro-batch-size). Tensor inputs are sliced; the others (a model) pass whole."""
+    rows = next(x for x in inputs if isinstance(x, torch.Tensor)).shape[0]
+    size = size or rows
+    outputs = [
+        fn(*(x[i : i + size] if isinstance(x, torch.Tensor) else x for x in inputs)) for i in range(0, rows, size)
+    ]
+    if isinstance(outputs[0], torch.Tensor):
+        return torch.cat(outputs)
+    return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+
+
+def all_gather(x):
+    """The global batch under torchrun: every rank's rows of x, in rank order (x itself in a one-process run)."""
+    if not torch.distributed.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(x):
+    """x averaged over the ranks under torchrun (x itself in a one-process run)."""
+    if torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= torch.distributed.get_world_size()
+    return x
+
+
+def whole_batch_mean(x, mask):
+    """masked_mean over every rank's real tokens (the same as masked_mean in a one-process run)."""
+    sums = torch.stack([(x * mask).sum(), mask.sum()])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    return sums[0] / sums[1].clamp(min=1)
+
+
+@torch.no_grad()
+def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast):
+    """Sample responses and what the losses and logs need about them, with no gradient. Returns responses, mask
+    (float), has_eos, log-probs, reference log-probs, entropy ([batch, time] each but has_eos) and scores [batch]."""
+    raw = generate(policy, query, query_mask, args, eos_id, generator, autocast)
+    mask, responses, has_eos = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
+    rows, size = (query, query_mask, responses, mask), args.rollout_micro_batch_size
+    logprobs, entropy = chunked(size, forward_logprobs, policy, *rows, args.temperature, autocast)
+    ref_logprobs, _ = chunked(size, forward_logprobs, ref_policy, *rows, args.temperature, autocast)
+    scores = chunked(size, get_scores, reward_model, *rows, autocast)
+    if args.missing_eos_penalty is not None:  # the "EOS trick" (N+ sec. 7): responses must end
+        scores = scores - args.missing_eos_penalty * (~has_eos).float()
+    return responses, mask.float(), has_eos, logprobs, ref_logprobs, entropy, scores
+
+
+def batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=False):
+    """The common metrics of a batch of responses (docs/usage.md, "Metrics"): objective/... or eval/... records. With
+    gather, of the global batch (every rank's responses under torchrun)."""
+    kl = ((logprobs - ref_logprobs) * mask).sum(1)  # [batch] sequence-level k1 on the sampled tokens
+    n = torch.tensor(float(len(scores)), device=scores.device)
+    totals = torch.stack([scores.sum(), kl.sum(), (entropy * mask).sum(), mask.sum(), has_eos.float().sum(), n])
+    if gather and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    scores, kl, entropy, tokens, eos, n = totals
+    stats = {"scores": scores / n, "kl": kl / n, "entropy": entropy / tokens.clamp(min=1)}  # entropy per token
+    stats |= {"response_length": tokens / n, "eos_rate": eos / n}
+    return {k: v.item() for k, v in stats.items()}
+
+
+# ============ MAIN: setup, models, then the training loop (it reads as the papers' pseudocode) ============
+def main():
+    args = parse_args()  # (with --resume: the run's own flags)
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    rank, world_size = setup_distributed(args)
+    check_args(args, ALGO_RANGES, world_size)
+    local_batch_size = args.batch_size // world_size  # each rank's share of the rollout
+    if local_batch_size % args.num_generations != 0:
+        fail(f"--batch-size {args.batch_size} must be divisible by --num-generations x {world_size} processes")
+    if args.gradient_accumulation_steps < 1 or local_batch_size % args.gradient_accumulation_steps != 0:
+        fail(f"--gradient-accumulation-steps must divide a batch of {local_batch_size} per process (and be 1 or more)")
+    micro_batch_size = local_batch_size // args.gradient_accumulation_steps
+    clip_high = args.clip_coef if args.clip_coef_high is None else args.clip_coef_high
+    train_prompts = load_prompts(args.dataset, "--dataset")
+    eval_prompts = load_prompts(args.eval_dataset, "--eval-dataset", args.eval_size)
+
+    # MODELS
+    device, autocast, tokenizer, policy, ref_policy, reward_model, gold_model = load_models(args)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    train_ids = tokenize_prompts(tokenizer, train_prompts, args.max_prompt_length, "--dataset")
+    eval_ids = tokenize_prompts(tokenizer, eval_prompts, args.max_prompt_length, "--eval-dataset")
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    params = list(policy.parameters())
+    # eps=1e-5 as in N+ (sec. 7, PPO setup); no weight decay, so the KL-regularised optimum stays the fixed point.
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+    # fp16 autocast needs loss scaling so small gradients do not underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    logger = RunLogger(args, run_name, rank)
+    generator = torch.Generator(device=device).manual_seed(args.seed + 100_000 * rank)  # each rank's sampling seed
+    num_updates = args.total_episodes // args.batch_size
+    # The loop's state: episodes so far, the next evaluation, the prompt stream, the time spent.
+    episode, next_eval, order = 0, args.eval_every, []
+    time_rollout = time_update = 0.0
+    start_time = time.time()
+    eval_models = (policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast)
+    # What a checkpoint keeps (--save-every): the trained state, and each rank's own sampling generator.
+    trained = {"policy": policy, "optimizer": optimizer, "scaler": scaler}
+    trained |= {"ref_policy": ref_policy} if args.ref_sync_every else {}
+    if args.resume:  # the run goes on from its last checkpoint exactly as if it had never stopped
+        loop = logger.resume(trained, {"generator": generator})
+        episode, next_eval, order = loop["episode"], loop["next_eval"], loop["order"]
+        time_rollout, time_update, start_time = loop["time_rollout"], loop["time_update"], time.time() - loop["elapsed"]
+    else:
+        logger.log_eval(0, *evaluate(*eval_models))
+
+    for update in range(episode // args.batch_size + 1, num_updates + 1):  # (a resumed run: from its next update)
+        # Linear learning-rate decay to 0 over the run (N details, General #5).
+        lr = args.learning_rate * (1.0 - (update - 1.0) / num_updates)
+        optimizer.param_groups[0]["lr"] = lr
+
+        # ROLLOUT: batch_size / G prompts (reshuffled each pass over the data), each repeated G times in a row.
+        t0 = time.time()
+        batch = next_prompt_indices(order, args.batch_size // args.num_generations, len(train_ids))[rank::world_size]
+        query, query_mask = left_pad([train_ids[i] for i in batch for _ in range(args.num_generations)], pad_id, device)
+        responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
+            policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
+        )
+        episode += args.batch_size
+        time_rollout += time.time() - t0
+
+        # REWARDS AND ADVANTAGES: one reward per response, group-relative advantages and loss weights, all [batch].
+        t0 = time.time()
+        with torch.no_grad():
+            kl_in_reward, kl_in_loss = (args.kl_coef, 0.0) if args.kl_in == "reward" else (0.0, args.kl_coef)
+            rewards = sequence_rewards(scores, logprobs, ref_logprobs, mask, kl_in_reward, args.kl_estimator)
+            advantages, reward_std = grpo_advantages(rewards, args.num_generations, args.scale_rewards)
+            weights = response_weights(mask, args.loss_type, args.response_length)
+
+        # GRPO UPDATE: one optimizer step per pass over the batch (as in the RLOO script).
+        stats = []
+        for _epoch in range(args.num_ppo_epochs):
+            perm = torch.randperm(local_batch_size, device=device)
+            for micro_start in range(0, local_batch_size, micro_batch_size):
+                i = perm[micro_start : micro_start + micro_batch_size]
+                micro_batch = (query[i], query_mask[i], responses[i], mask[i].long())
+                new_logprobs, _ = forward_logprobs(policy, *micro_batch, args.temperature, autocast)
+                pg_loss, pg_stats = grpo_policy_loss(
+                    new_logprobs, logprobs[i], advantages[i], weights[i], mask[i], args.clip_coef, clip_high
+                )
+                # GRPO's KL term: kl_coef * k per token, aggregated as the policy loss (Shao et al. 2024, eq. 3).
+                kl_loss = aggregate(
+                    kl_in_loss * kl_penalty(new_logprobs, ref_logprobs[i], args.kl_estimator), weights[i], mask[i]
+                )
+                loss = pg_loss + kl_loss
+                check_finite(loss, update)
+                scaler.scale(loss / args.gradient_accumulation_steps).backward()
+                stats.append(pg_stats)
+            optimizer_step([(optimizer, params)], scaler, args.max_grad_norm)
+        time_update += time.time() - t0
+
+        # LOGGING: the common keys, then the means of the update's statistics and the algorithm's own diagnostics.
+        stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        reward_std, advantages = all_gather(reward_std), all_gather(advantages)  # the global batch's
+        stats |= {
+            "grpo/reward_std": reward_std.mean().item(),
+            "grpo/zero_std_frac": (reward_std == 0).float().mean().item(),
+        }
+        lengths = all_gather(
+            mask.sum(1)
+        )  # Dr. GRPO's question: are the responses with A < 0 the longer ones? (-1: there is none)
+        for sign, pick in [("pos", advantages > 0), ("neg", advantages < 0)]:
+            stats[f"grpo/length_advantage_{sign}"] = lengths[pick].mean().item() if pick.any() else -1.0
+        objective = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos, gather=True)
+        logger.log_train(episode, update, lr, args.kl_coef, objective, start_time, time_rollout, time_update, stats)
+
+        if args.ref_sync_every > 0 and update % args.ref_sync_every == 0:
+            lerp_parameters(ref_policy, policy, args.ref_sync_mix)
+
+        # EVALUATION
+        if episode >= next_eval or update == num_updates:
+            next_eval += args.eval_every
+            logger.log_eval(episode, *evaluate(*eval_models))
+
+        # CHECKPOINT, when a multiple of --save-every episodes was passed in this update.
+        if args.save_every and episode % args.save_every < args.batch_size and update < num_updates:
+            loop = {"episode": episode, "next_eval": next_eval, "order": order}
+            loop |= {"time_rollout": time_rollout, "time_update": time_update, "elapsed": time.time() - start_time}
+            logger.save_checkpoint(trained, {"generator": generator}, loop)
+
+    logger.finish(policy, tokenizer, start_time)
+
+
+# === TRY NOT TO MODIFY: checks, loading, evaluation, logging and saving (the same text in every script) ===
+def fail(message, every_rank=False):
+    """Stop with one line that names the flag and the fix (no traceback). Under torchrun every rank finds a bad flag and
+    rank 0 alone says it; what one rank can meet alone (a NaN in its share) is said by every rank that meets it."""
+    for bar in list(tqdm._instances):  # end the progress bar's line first, so the message starts its own
+        bar.close()
+    raise SystemExit(f"error: {message}" if every_rank or os.environ.get("RANK", "0") == "0" else 1)
+
+
+COMMON_RANGES = {  # the allowed interval of each numeric flag; values must be finite, and a None flag may be None
+    "[1, inf)": ["max_prompt_length", "response_length", "total_episodes", "batch_size", "eval_every", "eval_size"],
+    "(0, inf)": ["temperature", "learning_rate"],
+    "[0, inf)": ["missing_eos_penalty", "kl_coef", "ref_sync_every", "save_every"],
+    "(0, 1]": ["ref_sync_mix"],
+}
+COMMON_RANGES["[1, inf)"].append("rollout_micro_batch_size")
+RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "model.tmp", "INCOMPLETE"}
+RUN_FILES |= {"checkpoint.pt", "checkpoint.pt.tmp"}
+# Flags a resumed run may change: where and how it runs and logs, and its memory, not what it computes.
+RESUMABLE = {"resume", "save_every", "output_dir", "overwrite_output_dir", "exp_name", "cuda", "mixed_precision"}
+RESUMABLE |= {"track", "wandb_project_name", "wandb_entity"}
+RESUMABLE |= {"gradient_checkpointing", "rollout_micro_batch_size", "gradient_accumulation_steps"}
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model"}
+
+
+def parse_args():
+    """The flags. With --resume the run's own, from its args.json, are the defaults: `--output-dir <run> --resume` is
+    the whole command, and check_args refuses a flag given here that would change what the run computes. The device
+    and the precision are this machine's (args.json holds what they resolved to on the first machine)."""
+    args = tyro.cli(Args)
+    path = os.path.join(args.output_dir or "", "args.json")
+    if args.resume and args.output_dir is not None and os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        fields = {field.name for field in dataclasses.fields(Args)} - {"resume", "cuda", "mixed_precision"}
+        args = tyro.cli(Args, default=Args(**{k: v for k, v in saved.items() if k in fields}))
+    return args
+
+
+def setup_distributed(args):
+    """torchrun --nproc-per-node N: N processes, data parallel (NCCL between GPUs, gloo on the CPU), each sampling its
+    share of --batch-size. A plain `python` run is process 0 of 1 and sets up nothing. Returns (rank, world_size)."""
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        cuda = args.cuda and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")  # gloo for the CPU's tensors
+    return rank, world_size
+
+
+def check_args(args, algo_ranges, world_size):
+    """Before anything loads, refuse bad flags (out of range, not finite, budgets that do not divide, a used folder)."""
+    signal.signal(signal.SIGINT, lambda *_: fail("interrupted by Ctrl-C before training; nothing was written"))
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track needs wandb, which is not installed: `pip install wandb`, or run without --track")
+    for interval, names in [*COMMON_RANGES.items(), *algo_ranges.items()]:
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        for name, value in [(name, getattr(args, name)) for name in names if getattr(args, name) is not None]:
+            above = low < value if interval[0] == "(" else low <= value
+            below = value < high if interval[-1] == ")" else value <= high
+            if not (math.isfinite(value) and above and below):
+                fail(f"--{name.replace('_', '-')} must be in {interval} (got {value})")
+    if args.total_episodes % args.batch_size:
+        fail(f"--total-episodes {args.total_episodes} is not a multiple of --batch-size {args.batch_size}; change one")
+    if args.batch_size % world_size:
+        fail(f"--batch-size {args.batch_size} does not split over {world_size} processes; pass a multiple of it")
+    if args.eval_every % args.batch_size:  # evaluations happen between updates, after whole batches
+        every = math.ceil(args.eval_every / args.batch_size) * args.batch_size
+        print(f"note: evaluating every {every} episodes: --eval-every {args.eval_every} rounded up to whole batches")
+        args.eval_every = every
+    if not args.stop_at_eos and args.missing_eos_penalty is not None:  # a fixed-length response has no end to miss
+        print("note: --missing-eos-penalty applies only with --stop-at-eos; it is off in this run")
+        args.missing_eos_penalty = None
+    out = args.output_dir
+    if args.resume:  # the same run, continued: its folder, its last checkpoint, its flags
+        if out is None:
+            fail("--resume continues the run in --output-dir: pass --output-dir <the run's folder>")
+        if args.overwrite_output_dir:
+            fail("--resume continues a run and --overwrite-output-dir replaces it: pass one of the two")
+        if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+            fail(f"--resume: --output-dir {out} holds no checkpoint (a run writes them with --save-every)")
+        if not os.path.exists(os.path.join(out, "INCOMPLETE")):
+            fail(f"--resume: the run in --output-dir {out} has finished; there is nothing to resume")
+        with open(os.path.join(out, "args.json")) as f:
+            saved = json.load(f)
+        changed = [k for k, v in asdict(args).items() if k not in RESUMABLE and saved.get(k) != v]
+        if changed:  # every difference at once
+            said = "; ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved.get(k)})" for k in changed)
+            fail(f"--resume: {said}: these would change what the run computes; leave them out (its own are used)")
+    elif out is not None and os.path.exists(out):
+        foreign = sorted(set(os.listdir(out)) - RUN_FILES) if os.path.isdir(out) else ["it is a file"]
+        if foreign:  # --overwrite-output-dir deletes a run's files, never anything else
+            fail(f"--output-dir {out} is not a run's folder ({', '.join(foreign[:3])}); choose another folder")
+        stopped = all(os.path.exists(os.path.join(out, name)) for name in ["checkpoint.pt", "INCOMPLETE"])
+        if stopped and not args.overwrite_output_dir:
+            fail(f"--output-dir {out} holds a stopped run with a checkpoint: continue it with --resume, or replace it")
+        if os.listdir(out) and not args.overwrite_output_dir:
+            fail(f"--output-dir {out} holds a run; choose another folder, or pass --overwrite-output-dir to replace it")
+
+
+def load_prompts(name, flag, size=None):
+    """Prompts (the first `size`, if given) from a .jsonl file with a `prompt` on every line or a hub `name[:split]`."""
+    form = 'pass a UTF-8 .jsonl file with one {"prompt": "..."} object per line'
+    if not (name.endswith(".jsonl") or os.path.exists(name)):
+        try:
+            import datasets  # lazy: only needed for hub datasets
+
+            rows = datasets.load_dataset(name.split(":")[0], split=(name.split(":") + ["train"])[1])
+        except Exception as e:  # noqa: BLE001 (not installed, not found, no network: one line, not a traceback)
+            fail(f"{flag} {name}: no such .jsonl file, and no hub dataset could be loaded ({str(e).splitlines()[0]})")
+    elif not (name.endswith(".jsonl") and os.path.isfile(name)):
+        fail(f"{flag} {name}: {'not a .jsonl file' if os.path.exists(name) else 'no such file'}; {form}")
+    else:
+        try:
+            with open(name, encoding="utf-8-sig") as f:  # -sig: a byte-order mark at the start is not text
+                lines = f.read().splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
+        except UnicodeDecodeError as e:
+            fail(f"{flag} {name}: not UTF-8 text ({e.reason} at byte {e.start}); {form}")
+        except json.JSONDecodeError as e:  # e.doc is the line that failed
+            fail(f"{flag} {name}: line {lines.index(e.doc) + 1} is not valid JSON; {form}")
+    for number, row in enumerate(rows, 1):
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
+            fail(f"{flag} {name}: row {number} has no text `prompt` field (it is {repr(row)[:60]}); {form}")
+    if len(rows) == 0:
+        fail(f"{flag} {name} has no rows; {form}")
+    if size is not None and size > len(rows):
+        fail(f"--eval-size {size} is more than the {len(rows)} prompts of {flag} {name}; pass at most {len(rows)}")
+    return [row["prompt"] for row in rows][:size]
+
+
+def load_pretrained(auto_class, name, flag, **kwargs):
+    """from_pretrained with one clear line naming the flag when the folder or hub name does not load."""
+    parent = os.path.dirname(name.rstrip("/"))
+    if not os.path.isdir(name) and (name.startswith((".", "/")) or name.count("/") > 1 or os.path.isdir(parent)):
+        # A local path, not a hub name: say so now instead of retrying the hub.
+        what = "is a file, not a model folder" if os.path.exists(name) else "no such folder"
+        fail(f"{flag} {name}: {what}; pass a model's folder (save_pretrained) or a hub name such as org/model")
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except Exception as e:  # noqa: BLE001 (a missing folder, missing files, a wrong format: one line)
+        fail(f"{flag} {name}: no {auto_class.__name__} loads from it ({str(e).splitlines()[0]}); pass another")
+
+
+def tokenize_prompts(tokenizer, prompts, max_prompt_length, flag):
+    """Token ids of each prompt, truncated from the left (the end of a prompt is what the response continues)."""
+    ids = [tokenizer(p, verbose=False)["input_ids"] for p in prompts]  # verbose=False: our note below says it once
+    if any(len(x) == 0 for x in ids):  # e.g. "" with a tokenizer that adds no BOS: there is nothing to condition on
+        fail(f"{flag}: some prompts are empty after tokenization; remove them or use a tokenizer that adds BOS")
+    too_long = sum(len(x) > max_prompt_length for x in ids)
+    if too_long:
+        print(f"note: {too_long} of {len(ids)} prompts of {flag} are over --max-prompt-length; each keeps its end")
+    for i, x in enumerate(ids):
+        if len(x) > max_prompt_length:  # a BOS the tokenizer put first stays first (the model always saw one there)
+            keep = 1 if x[0] == tokenizer.bos_token_id and max_prompt_length > 1 else 0
+            ids[i] = x[:keep] + x[len(x) - max_prompt_length + keep :]
+    return ids
+
+
+def next_prompt_indices(order, n, num_prompts):
+    """The next n indices of a prompt stream that reshuffles all prompts on every pass; consumes `order`."""
+    while len(order) < n:
+        order += random.sample(range(num_prompts), num_prompts)
+    batch, order[:n] = order[:n], []
+    return batch
+
+
+def load_reward_model(name, flag, dtype, device):
+    """A frozen or trained copy of a reward model (load_models has checked that it is one)."""
+    return load_pretrained(AutoModelForSequenceClassification, name, flag, dtype=dtype).to(device)
+
+
+def load_models(args):
+    """Seed everything, resolve the device and precision (args.json records what runs), then load the tokenizer,
+    trainable policy, frozen reference, reward and gold models, each checked for what its flag needs."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() and args.cuda else "cpu")
+    args.cuda = device.type == "cuda"
+    if not args.cuda and not os.environ.get("OMP_NUM_THREADS"):  # docs/usage.md, "Threads": the measurements
+        torch.set_num_threads(1)  # a second thread is 1.3-1.5x faster on an idle machine, 10x slower on a busy one
+        print("note: one CPU thread; OMP_NUM_THREADS=N gives N (faster on an idle machine, far slower on a busy one)")
+    if args.mixed_precision == "auto":
+        args.mixed_precision = "bf16" if args.cuda else "no"
+    # Forward passes autocast to bf16/fp16 on any device (on the CPU too: slow, but the very code path a GPU runs).
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[args.mixed_precision]
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    frozen_dtype = amp_dtype or torch.float32  # the reward models are only ever read: hold them in low precision
+    flags = {"--model-name": args.model_name, "--reward-model-name": args.reward_model_name}
+    flags |= {"--gold-reward-model-name": args.gold_reward_model_name} if args.gold_reward_model_name else {}
+    for flag, name in flags.items():  # a folder with no tokenizer files: transformers would make up a tokenizer
+        if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, file)) for file in TOKENIZER_FILES):
+            fail(f"{flag} {name}: this folder has no tokenizer; save the policy's into it (tokenizer.save_pretrained)")
+    tokenizer = load_pretrained(AutoTokenizer, args.model_name, "--model-name")
+    if tokenizer.eos_token_id is None:
+        fail(f"--model-name {args.model_name}: its tokenizer has no EOS token, so responses cannot end; set one")
+    if tokenizer.pad_token_id is None:  # e.g. GPT-2: padding is always masked, so EOS can stand in for it
+        print(f"note: the tokenizer of {args.model_name} has no pad token; using EOS ({tokenizer.eos_token!r}) as pad")
+        tokenizer.pad_token = tokenizer.eos_token
+    for flag, name in flags.items():
+        config = load_pretrained(AutoConfig, name, flag)
+        positions = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name too
+        if positions is not None and args.max_prompt_length + args.response_length > positions:  # or it crashes
+            fail(f"{flag} {name} has {positions} positions: lower --max-prompt-length plus --response-length")
+        is_rm = (config.architectures or ["ForSequenceClassification"])[0].endswith("ForSequenceClassification")
+        if flag == "--model-name" and is_rm:
+            fail(f"--model-name {name} is a reward model ({config.architectures[0]}); pass a causal LM")
+        if flag != "--model-name" and not (is_rm and config.num_labels == 1):
+            fail(f"{flag} {name} is not a reward model: pass a sequence classifier with one label (num_labels=1)")
+        policy_vocab = tokenizer.get_vocab()  # an RM reads the policy's token ids: its vocabulary must be the same
+        vocab = load_pretrained(AutoTokenizer, name, flag).get_vocab() if flag != "--model-name" else policy_vocab
+        if vocab != policy_vocab:  # say how they differ (an added [PAD] is the usual reason)
+            differ = sorted(set(vocab.items()) ^ set(policy_vocab.items()), key=lambda item: (item[1], item[0]))[:4]
+            said = ", ".join(f"{t!r} = {i} in {'this one' if vocab.get(t) == i else 'the policy'}" for t, i in differ)
+            sizes = f"{len(vocab)} tokens against {len(policy_vocab)}"
+            fail(f"{flag} {name}: its tokenizer is not the policy's ({sizes}: {said})")
+    # The policy is trained: fp32 master weights. The reference is the same model and stays fp32 too, so that at
+    # step 0 the two give the same log-probs in every precision (KL exactly 0) and reference resets are exact.
+    policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
+    ref_policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
+    reward_model = load_reward_model(args.reward_model_name, "--reward-model-name", frozen_dtype, device)
+    gold = args.gold_reward_model_name
+    gold_model = None if gold is None else load_reward_model(gold, "--gold-reward-model-name", frozen_dtype, device)
+    # Dropout off everywhere, trained models included: eval mode keeps log-probs of the same tokens identical
+    # between rollout and update (N details, Policy #4). Gradients flow in eval mode as usual.
+    for model in [m for m in (policy, ref_policy, reward_model, gold_model) if m is not None]:
+        model.eval().requires_grad_(model is policy)
+    return device, autocast, tokenizer, policy, ref_policy, reward_model, gold_model
+
+
+def enable_gradient_checkpointing(model):
+    """--gradient-checkpointing: each decoder layer keeps only its input and recomputes its activations in the backward
+    pass (less memory, about a third more compute), and only when a gradient is taken, so sampling keeps its KV cache.
+    (transformers' own switch acts only in training mode, where it also drops the cache; these models stay in eval.)"""
+    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+
+        def forward(*inputs, _forward=layer.forward, **kwargs):
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_forward, *inputs, use_reentrant=False, **kwargs)
+            return _forward(*inputs, **kwargs)
+
+        layer.forward = forward
+
+
+def average_gradients(params, bucket_numel=2**25):
+    """Data parallel: every rank replaces its gradients by their mean over the ranks, so all take the same step (what
+    DDP does, written out: the scripts call parts of models, e.g. an RM's backbone, that a DDP wrapper would hide).
+    The gradients travel in flat buckets of up to 32M numbers, one all-reduce each: one per tensor costs a round trip
+    per tensor, which dominates on small models."""
+    if not torch.distributed.is_initialized():
+        return
+    buckets, numel = [], bucket_numel  # the first gradient opens the first bucket
+    for grad in [p.grad for p in params if p.grad is not None]:
+        if numel + grad.numel() > bucket_numel:
+            buckets, numel = [*buckets, []], 0
+        buckets[-1].append(grad)
+        numel += grad.numel()
+    for bucket in buckets:
+        flat = torch.cat([grad.flatten() for grad in bucket])
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        for grad, part in zip(bucket, flat.split([grad.numel() for grad in bucket]), strict=True):
+            grad.copy_(part.view_as(grad))
+
+
+def optimizer_step(optimizers, scaler, max_grad_norm):
+    """One step of each (optimizer, the parameters it clips) on the gradients backward summed: averaged over the ranks,
+    their global norm clipped (fp16: unscaled first), a step (fp16: skipped if any is inf or NaN), then cleared."""
+    average_gradients([p for optimizer, _ in optimizers for group in optimizer.param_groups for p in group["params"]])
+    for optimizer, params in optimizers:
+        if max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    scaler.update()
+
+
+@torch.no_grad()
+def lerp_parameters(target, source, weight):
+    """target <- weight * source + (1 - weight) * target, in fp32: reference resets and Polyak averaging."""
+    for target_param, param in zip(target.parameters(), source.parameters(), strict=True):
+        target_param.lerp_(param, weight)
+
+
+def check_finite(loss, update):
+    """Stop at the first NaN or inf loss; the last good model is left as it is."""
+    if not torch.isfinite(loss):
+        fail(
+            f"non-finite loss at update {update}; nothing saved: try a lower --learning-rate or --max-grad-norm",
+            every_rank=True,
+        )
+
+
+@torch.no_grad()
+def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast):
+    """One response per evaluation prompt (a fixed seed, so evaluations are comparable), scored; the variety metrics.
+    Under torchrun rank 0 evaluates alone: the same numbers whatever the number of processes."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return {}, []
+    generator = torch.Generator(device=device).manual_seed(args.seed + 12345)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    batches, samples, response_ids = [], [], []
+    for i in range(0, len(eval_ids), args.batch_size):
+        query, query_mask = left_pad(eval_ids[i : i + args.batch_size], pad_id, device)
+        responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
+            policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
+        )
+        stats = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)
+        rows, size = (query, query_mask, responses, mask.long()), args.rollout_micro_batch_size
+        gold = None if gold_model is None else chunked(size, get_scores, gold_model, *rows, autocast)
+        stats |= {} if gold is None else {"gold_scores": gold.mean().item()}
+        batches.append((len(query), stats))
+        for j in range(len(query)):
+            prompt = tokenizer.decode(query[j][query_mask[j].bool()], skip_special_tokens=True)
+            response_ids.append(responses[j][mask[j].bool()].tolist())
+            response = tokenizer.decode(response_ids[-1], skip_special_tokens=True)
+            sample = {"prompt": prompt, "response": response, "score": scores[j].item()}
+            samples.append(sample | {"gold_score": None if gold is None else gold[j].item()})
+    # Means over all prompts: each batch's mean weighted by its size.
+    record = {f"eval/{k}": sum(n * stats[k] for n, stats in batches) / len(eval_ids) for k in batches[0][1]}
+    record |= {"eval/distinct_1": distinct_n(response_ids, 1), "eval/distinct_2": distinct_n(response_ids, 2)}
+    # Variety for one prompt: 4 responses to each of the first 16 prompts (their own seed: the rest is unchanged).
+    query, query_mask = left_pad([ids for ids in eval_ids[:16] for _ in range(4)], pad_id, device)
+    group_generator = torch.Generator(device=device).manual_seed(args.seed + 54321)
+    raw = generate(policy, query, query_mask, args, eos_id, group_generator, autocast)
+    mask, responses, _ = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
+    groups = [[responses[j][mask[j].bool()].tolist() for j in range(i, i + 4)] for i in range(0, len(query), 4)]
+    record["eval/self_similarity"] = sum(map(pairwise_similarity, groups)) / len(groups)
+    return record, samples
+
+
+def distinct_n(responses, n):
+    """Distinct-n over n-grams: the share of distinct n-grams among all the n-grams of some responses (token-id lists);
+    1 = no n-gram repeats. Li et al. 2016 (https://arxiv.org/abs/1510.03055) divide by the generated tokens instead:
+    the same for n = 1; their distinct-2 is this one times (tokens - responses) / tokens, lower for short responses."""
+    grams = [tuple(r[i : i + n]) for r in responses for i in range(len(r) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def pairwise_similarity(responses, n=2):
+    """The mean Jaccard overlap of the n-gram sets of every pair of responses (one shorter than n is one n-gram,
+    itself): 1 = all the same, 0 = no n-gram shared (a self-BLEU-like measure of mode collapse)."""
+    sets = [{tuple(r[i : i + n]) for i in range(len(r) - n + 1)} or {tuple(r)} for r in responses]
+    pairs = list(itertools.combinations(sets, 2))
+    return sum(len(a & b) / len(a | b) for a, b in pairs) / len(pairs)
+
+
+def new_folder(base):
+    """Create and return base, or else base_2, base_3, ...: mkdir is atomic, so two runs never share a folder."""
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    for path in itertools.chain([base], (f"{base}_{n}" for n in itertools.count(2))):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
+            return path
+
+
+def state_of(obj):
+    """What a checkpoint keeps of a model, optimizer or scaler (its state_dict), a generator, a tensor, or SAC's replay
+    buffer (a list: its items, its write position and its draw stream)."""
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if isinstance(obj, list):
+        return {"items": list(obj), "next": obj.next, "rng": obj.rng.getstate()}
+    return obj.detach().clone() if isinstance(obj, torch.Tensor) else obj.state_dict()
+
+
+def sync_to_disk(path):
+    """fsync a file, or a folder (its entries: a rename in it), so that a crash or a power cut cannot undo it."""
+    if os.name == "nt" and os.path.isdir(path):  # Windows opens no folder (and its renames need no folder sync)
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@torch.no_grad()
+def load_state(obj, state):
+    """Put back what state_of kept. A resume on another device or precision goes on, not bit for bit: a generator
+    state from another kind of device seeds a new stream, and a scaler that had no state (bf16, fp32) starts afresh."""
+    if isinstance(obj, torch.Generator):
+        if state.shape == obj.get_state().shape:
+            obj.set_state(state)
+        else:
+            obj.manual_seed(sum(state.tolist()))
+    elif isinstance(obj, torch.amp.GradScaler) and not state:
+        return
+    elif isinstance(obj, list):
+        obj[:], obj.next = state["items"], state["next"]
+        obj.rng.setstate(state["rng"])
+    elif isinstance(obj, torch.Tensor):
+        obj.copy_(state)
+    else:
+        obj.load_state_dict(state)
+
+
+class RunLogger:
+    """The run folder: args.json, metrics.jsonl, samples.jsonl, checkpoints and the final model; also wandb with
+    --track, a tqdm bar, and a console line per evaluation. A file INCOMPLETE marks a run stopped by Ctrl-C, a NaN or a
+    crash. Under torchrun rank 0 alone writes; the records it writes are the global ones (the other ranks' included)."""
+
+    def __init__(self, args, run_name, rank):
+        self.args, self.rank, self.episode, self.last_eval, self.wandb = args, rank, 0, "", None
+        self.checkpoint = None
+        if args.resume:  # every rank reads it (memory-mapped, so one copy is shared): see resume()
+            path = os.path.join(args.output_dir, "checkpoint.pt")
+            self.checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if rank == 0:
+            self.dir = self.open_folder(args, run_name)
+            if args.track:
+                import wandb  # lazy: only needed with --track
+
+                wandb.init(
+                    project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name
+                )
+                self.wandb = wandb
+        self.bar = tqdm(total=args.total_episodes, unit="episode", dynamic_ncols=True, disable=rank > 0)
+        signal.signal(signal.SIGINT, self.interrupted)
+
+    def open_folder(self, args, run_name):
+        """A new run's folder (created only after every check has passed, so a bad flag leaves nothing behind), or with
+        --resume the run's own, its records cut back to the checkpoint's."""
+        try:
+            if args.resume:
+                for name, size in self.checkpoint["records"].items():
+                    os.truncate(os.path.join(args.output_dir, name), size)
+                self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (for the run)
+                return args.output_dir
+            path = args.output_dir = args.output_dir or new_folder(os.path.join("runs", run_name))
+            os.makedirs(path, exist_ok=True)
+            for name in set(os.listdir(path)) & RUN_FILES:  # --overwrite-output-dir: the old run goes
+                (shutil.rmtree if os.path.isdir(os.path.join(path, name)) else os.remove)(os.path.join(path, name))
+            texts = {"INCOMPLETE": "This run has not finished: no final model yet.\n", "samples.jsonl": ""}
+            ran = {"num_processes": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1}
+            ran["device"] = f"cuda ({torch.cuda.get_device_name()})" if args.cuda else "cpu"
+            ran["cpu_threads"] = torch.get_num_threads()  # a CPU run repeats bit for bit with as many threads
+            for name, text in {**texts, "args.json": json.dumps(asdict(args) | ran, indent=2)}.items():
+                with open(os.path.join(path, name), "w") as f:
+                    f.write(text)
+            self.file = open(os.path.join(path, "metrics.jsonl"), "w")  # noqa: SIM115 (open for the whole run)
+            return path
+        except OSError as e:
+            fail(f"--output-dir {args.output_dir}: cannot write there ({e.strerror}); choose another folder")
+
+    def interrupted(self, *_):  # Ctrl-C: one line saying where the run stopped (its records stay, marked INCOMPLETE)
+        out, saved = self.args.output_dir, self.args.save_every
+        last = f" and its last checkpoint (go on with --output-dir {out} --resume)" if saved else ""
+        fail(f"interrupted by Ctrl-C at episode {self.episode}; {out} holds the records so far{last}")
+
+    def log(self, record):
+        """Append a record to metrics.jsonl (and to wandb with --track)."""
+        self.episode = record["episode"]
+        if self.rank > 0:
+            return
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: say so, with the records written so far left as they are
+            fail(f"--output-dir {self.dir}: cannot write metrics.jsonl ({e.strerror}); the records so far are kept")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["episode"])
+
+    def log_train(self, episode, update, lr, kl_coef, objective, start_time, time_rollout, time_update, algo_stats):
+        """A training record: the common keys (docs/usage.md, "Metrics"), then the algorithm's own (rank means)."""
+        elapsed = time.time() - start_time
+        record = {"episode": episode, "update": update, "lr": lr, "objective/kl_coef": kl_coef}
+        record |= {"time/elapsed_s": elapsed, "time/episodes_per_s": episode / elapsed}
+        record |= {"time/rollout_s": time_rollout, "time/update_s": time_update}
+        record |= {f"objective/{k}": v for k, v in objective.items()}
+        record["objective/rlhf_reward"] = objective["scores"] - kl_coef * objective["kl"]
+        if self.args.cuda:  # the device that runs (setup_run resolved it)
+            record["memory/cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        means = mean_over_ranks(torch.tensor(list(algo_stats.values()), dtype=torch.float64))
+        self.log({**record, **dict(zip(algo_stats, means.tolist(), strict=True))})
+        self.bar.n = episode
+        self.bar.set_postfix(score=f"{objective['scores']:.3f}", kl=f"{objective['kl']:.3f}")
+
+    def log_eval(self, episode, record, samples):
+        """An evaluation: its record, a console line, and its prompts, responses and scores in samples.jsonl."""
+        if self.rank > 0:  # rank 0 evaluated for all
+            return
+        self.log({"episode": episode, **record})
+        gold = f", gold score {record['eval/gold_scores']:.3f}" if "eval/gold_scores" in record else ""
+        self.last_eval = f"eval score {record['eval/scores']:.3f}{gold}, KL {record['eval/kl']:.3f}"
+        self.bar.write(f"episode {episode}: {self.last_eval}")
+        with open(os.path.join(self.dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps({"episode": episode, **s}) + "\n" for s in samples)
+
+    def save_checkpoint(self, trained, own, loop):
+        """--save-every: <output-dir>/checkpoint.pt holds all the next update depends on: `trained` (models, optimizers,
+        scaler: the same on every rank), each rank's `own` (its sampling generator, SAC's buffer) and RNG states, the
+        loop's counters and the records' lengths. Written under a temporary name, synced, then renamed: Ctrl-C or a
+        crash leaves the previous checkpoint whole, and the records it counts are on disk."""
+        own = {name: state_of(obj) for name, obj in own.items()}
+        own["rng"] = [torch.get_rng_state(), random.getstate(), torch.cuda.get_rng_state() if self.args.cuda else None]
+        ranks = [own]
+        if torch.distributed.is_initialized():  # rank 0 writes every rank's own states
+            ranks = [None] * torch.distributed.get_world_size() if self.rank == 0 else None
+            torch.distributed.gather_object(own, ranks)
+        if self.rank == 0:
+            records = {"metrics.jsonl": self.file.tell()}
+            records["samples.jsonl"] = os.path.getsize(os.path.join(self.dir, "samples.jsonl"))
+            for name in records:  # flushed is not on disk: a power cut could lose what the checkpoint counts
+                sync_to_disk(os.path.join(self.dir, name))
+            state = {"trained": {name: state_of(obj) for name, obj in trained.items()}, "ranks": ranks}
+            path = os.path.join(self.dir, "checkpoint.pt")
+            try:
+                torch.save(state | {"loop": loop, "records": records}, path + ".tmp")
+                sync_to_disk(path + ".tmp")
+            except Exception as e:  # noqa: BLE001 (a full disk: one line; the previous checkpoint stays whole)
+                with contextlib.suppress(OSError):
+                    os.remove(path + ".tmp")
+                fail(f"--output-dir {self.dir}: cannot write a checkpoint ({str(e).splitlines()[0]}); kept the last")
+            os.replace(path + ".tmp", path)
+            sync_to_disk(self.dir)  # the rename itself
+
+    def resume(self, trained, own):
+        """--resume: put the checkpoint's states into the run's objects (built as for a new run) and return its loop."""
+        state, self.checkpoint = self.checkpoint, None
+        num_ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if len(state["ranks"]) != num_ranks:
+            fail(f"--resume: {len(state['ranks'])} processes wrote the checkpoint; resume with as many (torchrun)")
+        for name, obj in trained.items():
+            load_state(obj, state["trained"][name])
+        mine = state["ranks"][self.rank]
+        for name, obj in own.items():
+            load_state(obj, mine[name])
+        torch.set_rng_state(mine["rng"][0])
+        random.setstate(mine["rng"][1])
+        if self.args.cuda and mine["rng"][2] is not None:
+            torch.cuda.set_rng_state(mine["rng"][2])
+        self.episode = self.bar.n = state["loop"]["episode"]
+        if self.rank == 0:
+            self.bar.write(f"resumed at episode {self.episode} from its checkpoint in {self.dir}")
+        return state["loop"]
+
+    def finish(self, policy, tokenizer, start_time):
+        """Save the final policy (with --save-model), close the records and say what the run achieved."""
+        self.bar.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if self.rank > 0:
+            return
+        self.file.close()
+        if self.args.save_model:  # written beside, then renamed: a failed save never looks like a model
+            path = os.path.join(self.dir, "model")
+            try:
+                policy.save_pretrained(path + ".tmp")
+                tokenizer.save_pretrained(path + ".tmp")
+            except Exception as e:  # noqa: BLE001 (a full disk: one line, not a traceback; the records stay whole)
+                shutil.rmtree(path + ".tmp", ignore_errors=True)
+                fail(f"--output-dir {self.dir}: cannot save the final model ({str(e).splitlines()[0]}); records kept")
+            os.replace(path + ".tmp", path)
+        os.remove(os.path.join(self.dir, "INCOMPLETE"))
+        if self.wandb is not None:
+            self.wandb.finish()
+        print(f"done: {self.episode} episodes in {time.time() - start_time:.0f}s; final {self.last_eval}; {self.dir}")
+
+
+if __name__ == "__main__":
+    main()
