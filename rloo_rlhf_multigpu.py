@@ -27,9 +27,11 @@ Usage: torchrun --nproc-per-node 2 rloo_rlhf_multigpu.py --help   (or plain `pyt
 import contextlib
 import dataclasses
 import importlib.util
+import inspect
 import itertools
 import json
 import math
+import numbers
 import os
 import random
 import shutil
@@ -61,9 +63,9 @@ class Args:
     wandb_project_name: str = "rlhf"  # the wandb's project name
     wandb_entity: str | None = None  # the entity (team) of wandb's project
     model_name: str = "tinyworld/sft"  # policy initialisation and frozen reference: a hub name or a local folder
-    reward_model_name: str = "tinyworld/reward_model"  # the reward model RL optimises (sequence classifier, 1 label)
-    gold_reward_model_name: str | None = "tinyworld/gold_reward_model"  # a second RM used only to evaluate
-    dataset: str = "tinyworld/prompts_train.jsonl"  # training prompts: .jsonl with a `prompt` field, or a hub dataset
+    reward_model_name: str = "tinyworld/reward_model"  # the reward RL optimises: an RM (1 label) or file.py:function
+    gold_reward_model_name: str | None = "tinyworld/gold_reward_model"  # a second reward used only to evaluate
+    dataset: str = "tinyworld/prompts_train.jsonl"  # training prompts: .jsonl of `prompt` or chat `messages`, or hub
     eval_dataset: str = "tinyworld/prompts_eval.jsonl"  # evaluation prompts, same format as --dataset
     max_prompt_length: int = 16  # prompts longer than this many tokens are truncated from the left
     response_length: int = 24  # maximum number of new tokens per response
@@ -272,7 +274,9 @@ def forward_logprobs(model, query, query_mask, responses, resp_mask, temperature
 
 @torch.no_grad()
 def get_scores(reward_model, query, query_mask, responses, resp_mask, autocast):
-    """The RM's scalar score [batch], read at the last real token of prompt + truncated response."""
+    """The RM's scalar score [batch], read at the last real token of prompt + truncated response (or the function's)."""
+    if isinstance(reward_model, RewardFunction):
+        return reward_model(query, query_mask, responses, resp_mask)
     hidden = backbone_hidden(reward_model, query, query_mask, responses, resp_mask, autocast)
     last = query.shape[1] + resp_mask.sum(1) - 1
     return reward_model.score(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
@@ -567,8 +571,11 @@ def check_args(args, algo_ranges, world_size):
 
 
 def load_prompts(name, flag, size=None):
-    """Prompts (the first `size`, if given) from a .jsonl file with a `prompt` on every line or a hub `name[:split]`."""
-    form = 'pass a UTF-8 .jsonl file with one {"prompt": "..."} object per line'
+    """Prompts (the first `size`, if given) from a .jsonl file or a hub `name[:split]`: each row holds a text `prompt`
+    or chat `messages` (a list of {"role": ..., "content": ...}, formatted by tokenize_prompts)."""
+    form = (
+        'pass a UTF-8 .jsonl file with one {"prompt": "..."} or {"messages": [{"role": ..., "content": ...}]} per line'
+    )
     if not (name.endswith(".jsonl") or os.path.exists(name)):
         try:
             import datasets  # lazy: only needed for hub datasets
@@ -588,13 +595,19 @@ def load_prompts(name, flag, size=None):
         except json.JSONDecodeError as e:  # e.doc is the line that failed
             fail(f"{flag} {name}: line {lines.index(e.doc) + 1} is not valid JSON; {form}")
     for number, row in enumerate(rows, 1):
-        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)):
-            fail(f"{flag} {name}: row {number} has no text `prompt` field (it is {repr(row)[:60]}); {form}")
+        fields = [key for key in ("prompt", "messages") if isinstance(row, dict) and key in row]
+        chat = fields == ["messages"] and isinstance(row["messages"], list) and len(row["messages"]) > 0
+        chat = chat and all(
+            isinstance(m, dict) and {type(m.get(k)) for k in ("role", "content")} == {str} for m in row["messages"]
+        )
+        if not (chat or fields == ["prompt"] and isinstance(row["prompt"], str)):
+            what = "both `prompt` and `messages`" if len(fields) == 2 else "no text `prompt` or well-formed `messages`"
+            fail(f"{flag} {name}: row {number} has {what} (it is {repr(row)[:60]}); {form}")
     if len(rows) == 0:
         fail(f"{flag} {name} has no rows; {form}")
     if size is not None and size > len(rows):
         fail(f"--eval-size {size} is more than the {len(rows)} prompts of {flag} {name}; pass at most {len(rows)}")
-    return [row["prompt"] for row in rows][:size]
+    return [row["prompt"] if "prompt" in row else row["messages"] for row in rows][:size]
 
 
 def load_pretrained(auto_class, name, flag, **kwargs):
@@ -611,8 +624,20 @@ def load_pretrained(auto_class, name, flag, **kwargs):
 
 
 def tokenize_prompts(tokenizer, prompts, max_prompt_length, flag):
-    """Token ids of each prompt, truncated from the left (the end of a prompt is what the response continues)."""
-    ids = [tokenizer(p, verbose=False)["input_ids"] for p in prompts]  # verbose=False: our note below says it once
+    """Token ids of each prompt, truncated from the left (the end of a prompt is what the response continues). Chat
+    messages are formatted by the tokenizer's chat template, ending with the prompt that opens the assistant's turn."""
+    texts = []
+    for number, prompt in enumerate(prompts, 1):
+        if isinstance(prompt, str):
+            texts.append(prompt)
+            continue
+        try:  # the template writes the special tokens itself (a BOS included): tokenized below without adding more
+            texts.append(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False))
+        except Exception as e:  # noqa: BLE001 (no template, or one that rejects these messages: one line)
+            reason = "its tokenizer has no chat template" if tokenizer.chat_template is None else str(e).splitlines()[0]
+            fail(f"{flag}: row {number} holds chat messages --model-name cannot format ({reason}); use `prompt` text")
+    special = [isinstance(p, str) for p in prompts]  # a BOS (if the tokenizer adds one) for text prompts only
+    ids = [tokenizer(t, add_special_tokens=s, verbose=False)["input_ids"] for t, s in zip(texts, special, strict=True)]
     if any(len(x) == 0 for x in ids):  # e.g. "" with a tokenizer that adds no BOS: there is nothing to condition on
         fail(f"{flag}: some prompts are empty after tokenization; remove them or use a tokenizer that adds BOS")
     too_long = sum(len(x) > max_prompt_length for x in ids)
@@ -633,9 +658,68 @@ def next_prompt_indices(order, n, num_prompts):
     return batch
 
 
-def load_reward_model(name, flag, dtype, device):
-    """A frozen or trained copy of a reward model (load_models has checked that it is one)."""
+def load_reward_model(name, flag, dtype, device, tokenizer=None):
+    """A frozen or trained copy of a reward model (load_models has checked that it is one), or a reward function."""
+    if is_reward_function(name):
+        return RewardFunction(name, flag, tokenizer)
     return load_pretrained(AutoModelForSequenceClassification, name, flag, dtype=dtype).to(device)
+
+
+def is_reward_function(name):
+    """A reward given as path/to/file.py:function rather than a model."""
+    return name is not None and name.rpartition(":")[0].endswith(".py")
+
+
+class RewardFunction:
+    """A reward computed by a Python function, e.g. a checker of a verifiable answer (RLVR): it gets the prompts and the
+    responses as text (no special tokens, so no EOS) and returns a number per response; a function that takes a keyword
+    `ended` also gets whether each response ended with an EOS. The missing-EOS penalty applies on top, as to an RM."""
+
+    def __init__(self, spec, flag, tokenizer):
+        path, _, name = spec.rpartition(":")
+        self.said, self.tokenizer = f"{flag} {spec}", tokenizer
+        if not os.path.isfile(path):
+            fail(f"{self.said}: no such file; pass path/to/file.py:function")
+        try:
+            module_spec = importlib.util.spec_from_file_location(f"reward_function_{name}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 (a syntax error, a failed import: one line)
+            fail(
+                f"{self.said}: the file does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            )
+        self.function = getattr(module, name, None)
+        if not callable(self.function):
+            fail(f"{self.said}: the file has no function `{name}`; pass path/to/file.py:function")
+        parameters = inspect.signature(self.function).parameters.values()
+        self.takes_ended = any(p.name == "ended" or p.kind == p.VAR_KEYWORD for p in parameters)
+
+    def __call__(self, query, query_mask, responses, resp_mask):
+        """The function's scores [batch] of these prompts and responses, checked: one finite number per response."""
+        decode = self.tokenizer.decode
+        prompts = [decode(x[m.bool()], skip_special_tokens=True) for x, m in zip(query, query_mask, strict=True)]
+        texts = [decode(x[m.bool()], skip_special_tokens=True) for x, m in zip(responses, resp_mask, strict=True)]
+        ended = (((responses == self.tokenizer.eos_token_id) & resp_mask.bool()).any(1)).tolist()
+        try:
+            scores = self.function(prompts, texts, **({"ended": ended} if self.takes_ended else {}))
+        except Exception as e:  # noqa: BLE001 (the user's code: one line naming it; the records so far are kept)
+            fail(
+                f"{self.said} raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; fix the function",
+                every_rank=True,  # each rank scores its own share: each says what it met
+            )
+        scores = scores.tolist() if hasattr(scores, "tolist") else scores  # a tensor or a NumPy array: a list
+        if not isinstance(scores, list | tuple) or len(scores) != len(texts):
+            fail(
+                f"{self.said} returned {str(scores)[:40]} for {len(texts)} responses; return a list of one number each",
+                every_rank=True,
+            )
+        bad = [x for x in scores if not (isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x))]
+        if bad:
+            fail(
+                f"{self.said} returned {bad[0]!r} among its scores; return one finite number per response",
+                every_rank=True,  # each rank scores its own share: each says what it met
+            )
+        return torch.tensor([float(x) for x in scores], device=query.device)
 
 
 def load_models(args):
@@ -657,6 +741,7 @@ def load_models(args):
     frozen_dtype = amp_dtype or torch.float32  # the reward models are only ever read: hold them in low precision
     flags = {"--model-name": args.model_name, "--reward-model-name": args.reward_model_name}
     flags |= {"--gold-reward-model-name": args.gold_reward_model_name} if args.gold_reward_model_name else {}
+    flags = {flag: name for flag, name in flags.items() if not is_reward_function(name)}  # models only
     for flag, name in flags.items():  # a folder with no tokenizer files: transformers would make up a tokenizer
         if os.path.isdir(name) and not any(os.path.exists(os.path.join(name, file)) for file in TOKENIZER_FILES):
             fail(f"{flag} {name}: this folder has no tokenizer; save the policy's into it (tokenizer.save_pretrained)")
@@ -687,12 +772,12 @@ def load_models(args):
     # step 0 the two give the same log-probs in every precision (KL exactly 0) and reference resets are exact.
     policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
     ref_policy = load_pretrained(AutoModelForCausalLM, args.model_name, "--model-name", dtype=torch.float32).to(device)
-    reward_model = load_reward_model(args.reward_model_name, "--reward-model-name", frozen_dtype, device)
-    gold = args.gold_reward_model_name
-    gold_model = None if gold is None else load_reward_model(gold, "--gold-reward-model-name", frozen_dtype, device)
+    reward_model = load_reward_model(args.reward_model_name, "--reward-model-name", frozen_dtype, device, tokenizer)
+    gold, gold_flag = args.gold_reward_model_name, "--gold-reward-model-name"
+    gold_model = None if gold is None else load_reward_model(gold, gold_flag, frozen_dtype, device, tokenizer)
     # Dropout off everywhere, trained models included: eval mode keeps log-probs of the same tokens identical
     # between rollout and update (N details, Policy #4). Gradients flow in eval mode as usual.
-    for model in [m for m in (policy, ref_policy, reward_model, gold_model) if m is not None]:
+    for model in [m for m in (policy, ref_policy, reward_model, gold_model) if isinstance(m, torch.nn.Module)]:
         model.eval().requires_grad_(model is policy)
     return device, autocast, tokenizer, policy, ref_policy, reward_model, gold_model
 

@@ -47,6 +47,9 @@ def test_each_loop_block_row_points_at_its_block():
     section = how_to_read()
     tables = re.findall(r"\*\*\w+\*\* \(`(\w+_rlhf\.py)`.*?\n\n(\|.*?)(?:\n\n|\Z)", section, re.S)
     assert len(tables) == 3
+    grpo = (REPO / "docs" / "grpo.md").read_text()  # GRPO's loop table lives on its own page
+    tables += re.findall(r"\*\*\w+\*\* \(`(\w+_rlhf\.py)`.*?\n\n(\|.*?)(?:\n\n|\Z)", grpo, re.S)
+    assert [script for script, _ in tables][3:] == ["grpo_rlhf.py"]
     for script, table in tables:
         lines = (REPO / script).read_text().splitlines()
         for row in table.splitlines()[2:]:
