@@ -13,8 +13,8 @@ https://arxiv.org/abs/2403.17031. Style: CleanRL (one file, the algorithm first,
 
 The scale twin of ppo_rlhf.py: the same algorithm (the same ALGO LOGIC text) plus what 1B-8B models on many GPUs
 need, and nothing else; `diff ppo_rlhf.py ppo_rlhf_multigpu.py` shows exactly this (docs/scale.md walks through it):
-- torchrun data parallel: each rank samples its share of --batch-size with its own seed; gradients
-  are averaged over the ranks; batch statistics and the logged records are the global batch's; rank 0 evaluates;
+- torchrun sharded data parallel (FSDP2): each rank holds 1/N of every model and optimizer state and samples its
+  share of --batch-size with its own seed; batch statistics and the logged records are the global batch's;
 - checkpoints (--save-every) and --resume: a stopped run goes on as if it had never stopped (same number of processes);
 - memory flags that change no number: --gradient-checkpointing, --rollout-micro-batch-size and
   --gradient-accumulation-steps.
@@ -40,6 +40,15 @@ from typing import Literal
 import torch
 import transformers
 import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -85,6 +94,7 @@ class Args:
     resume: bool = False  # continue the run in --output-dir from its last checkpoint, with the flags in its args.json
     gradient_checkpointing: bool = False  # recompute layer activations in the backward pass instead of keeping them
     rollout_micro_batch_size: int | None = None  # rows per no-grad forward pass (rollouts, evaluation); None = all
+    shard_frozen: bool = True  # torchrun: shard the reference and RMs too (1/N the memory); off: copies, fewer gathers
 
     # Algorithm specific arguments
     num_ppo_epochs: int = 4  # number of passes over each rollout batch
@@ -355,7 +365,8 @@ def whole_batch_mean(x, mask):
 def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast):
     """Sample responses and what the losses and logs need about them, with no gradient. Returns responses, mask
     (float), has_eos, log-probs, reference log-probs, entropy ([batch, time] each but has_eos) and scores [batch]."""
-    raw = generate(policy, query, query_mask, args, eos_id, generator, autocast)
+    with unsharded(policy):  # (under torchrun: gathered once for the whole generation)
+        raw = generate(policy, query, query_mask, args, eos_id, generator, autocast)
     mask, responses, has_eos = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
     rows, size = (query, query_mask, responses, mask), args.rollout_micro_batch_size
     logprobs, entropy = chunked(size, forward_logprobs, policy, *rows, args.temperature, autocast)
@@ -408,6 +419,8 @@ def main():
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
         enable_gradient_checkpointing(value_model)
+    copied = [ref_policy] if args.ref_sync_every else []  # reset from the policy: sharded alike
+    shard_models([policy, value_model, *copied], [ref_policy, reward_model, gold_model], args, world_size)
     params = list(policy.parameters()) + list(value_model.parameters())
     # eps=1e-5 as in N+ (sec. 7, PPO setup); no weight decay, so the KL-regularised optimum stays the fixed point.
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
@@ -480,6 +493,8 @@ def main():
                     kl_loss = token_kl_loss(new_logprobs, ref_logprobs[i], mask[i], kl_in_loss, args.kl_estimator)
                     loss = pg_loss + args.vf_coef * vf_loss + kl_loss
                     check_finite(loss, update)
+                    last = micro_start + micro_batch_size == mb_start + minibatch_size  # reduce over the ranks then
+                    sync_gradients([policy, value_model], last)
                     scaler.scale(
                         loss * (mask[i].sum() / minibatch_tokens)
                     ).backward()  # 1 in one process, no accumulation
@@ -536,7 +551,7 @@ RUN_FILES |= {"checkpoint.pt", "checkpoint.pt.tmp"}
 # Flags a resumed run may change: where and how it runs and logs, and its memory, not what it computes.
 RESUMABLE = {"resume", "save_every", "output_dir", "overwrite_output_dir", "exp_name", "cuda", "mixed_precision"}
 RESUMABLE |= {"track", "wandb_project_name", "wandb_entity"}
-RESUMABLE |= {"gradient_checkpointing", "rollout_micro_batch_size", "gradient_accumulation_steps"}
+RESUMABLE |= {"gradient_checkpointing", "rollout_micro_batch_size", "gradient_accumulation_steps", "shard_frozen"}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model"}
 
 
@@ -761,31 +776,66 @@ def enable_gradient_checkpointing(model):
         layer.forward = forward
 
 
-def average_gradients(params, bucket_numel=2**25):
-    """Data parallel: every rank replaces its gradients by their mean over the ranks, so all take the same step (what
-    DDP does, written out: the scripts call parts of models, e.g. an RM's backbone, that a DDP wrapper would hide).
-    The gradients travel in flat buckets of up to 32M numbers, one all-reduce each: one per tensor costs a round trip
-    per tensor, which dominates on small models."""
-    if not torch.distributed.is_initialized():
+def shard_models(always, frozen, args, world_size):
+    """Sharded data parallel under torchrun, FSDP2's fully_shard: each rank keeps 1/N of every parameter, and so of
+    its gradient and AdamW state; a module's forward pass all-gathers its whole weights and frees them after
+    (https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html). `always`: the trained models and the
+    copies updated in place from them (a reference reset by --ref-sync-every, SAC's critic target: sharded alike, so
+    the update is local); `frozen`: the reference and the reward models, unless --no-shard-frozen. One process:
+    nothing is sharded."""
+    if world_size == 1:
         return
-    buckets, numel = [], bucket_numel  # the first gradient opens the first bucket
-    for grad in [p.grad for p in params if p.grad is not None]:
-        if numel + grad.numel() > bucket_numel:
-            buckets, numel = [*buckets, []], 0
-        buckets[-1].append(grad)
-        numel += grad.numel()
-    for bucket in buckets:
-        flat = torch.cat([grad.flatten() for grad in bucket])
-        torch.distributed.all_reduce(flat)
-        flat /= torch.distributed.get_world_size()
-        for grad, part in zip(bucket, flat.split([grad.numel() for grad in bucket]), strict=True):
-            grad.copy_(part.view_as(grad))
+    for model in [m for m in always + (frozen if args.shard_frozen else []) if m is not None]:
+        if isinstance(model, FSDPModule):  # (the reference, in both lists with --ref-sync-every)
+            continue
+        # Each decoder layer, then a reward model's backbone and score head, which backbone_hidden and get_scores call
+        # apart, then the root: what is left (embeddings, final norm, output layer, SAC's advantage heads).
+        for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+            fully_shard(layer, reshard_after_forward=True)
+        for rm in [m for m in model.modules() if isinstance(m, transformers.PreTrainedModel) and hasattr(m, "score")]:
+            fully_shard(getattr(rm, rm.base_model_prefix), reshard_after_forward=True)
+            fully_shard(rm.score, reshard_after_forward=True)
+        fully_shard(model, reshard_after_forward=True)  # (True for the root too: unsharded() restores it)
+        # A parameter with no gradient on some rank (a branch that depends on the data) is reduced as zeros, so every
+        # rank reduces the same tensors (else NCCL hangs and gloo aborts); DDP's find_unused_parameters.
+        model.set_reduce_scatter_unused_params(True)
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Sampling from a sharded policy: all-gather its weights once for the whole generation and reshard after. Through
+    the shards every token would all-gather every layer (3.5x slower on two CPU processes), and ranks that stop after
+    different numbers of tokens (--stop-at-eos) would wait for each other forever. unshard() is not recursive: every
+    FSDP module of the model, each told to keep its weights after its forward pass. One process: nothing to do."""
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(True, recurse=False)
+
+
+def sync_gradients(models, sync):
+    """--gradient-accumulation-steps under FSDP: only the last micro-batch's backward pass reduces the gradients over
+    the ranks (the others add to unsharded gradients, as DDP's no_sync)."""
+    for model in [m for m in models if isinstance(m, FSDPModule)]:
+        model.set_requires_gradient_sync(sync)
 
 
 def optimizer_step(optimizers, scaler, max_grad_norm):
     """One step of each (optimizer, the parameters it clips) on the gradients backward summed: averaged over the ranks,
-    their global norm clipped (fp16: unscaled first), a step (fp16: skipped if any is inf or NaN), then cleared."""
-    average_gradients([p for optimizer, _ in optimizers for group in optimizer.param_groups for p in group["params"]])
+    their global norm clipped (fp16: unscaled first), a step (fp16: skipped if any is inf or NaN), then cleared. Under
+    torchrun FSDP averaged the sharded parameters' gradients in the backward pass (DTensors); a plain parameter's (SAC's
+    log_alpha) is averaged here."""
+    if torch.distributed.is_initialized():
+        for p in [p for optimizer, _ in optimizers for group in optimizer.param_groups for p in group["params"]]:
+            if p.grad is not None and not isinstance(p.grad, DTensor):
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= torch.distributed.get_world_size()
     for optimizer, params in optimizers:
         if max_grad_norm is not None:
             scaler.unscale_(optimizer)
@@ -814,9 +864,8 @@ def check_finite(loss, update):
 @torch.no_grad()
 def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast):
     """One response per evaluation prompt (a fixed seed, so evaluations are comparable), scored; the variety metrics.
-    Under torchrun rank 0 evaluates alone: the same numbers whatever the number of processes."""
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
-        return {}, []
+    Under torchrun every rank evaluates every prompt in step (a forward pass through a sharded model is collective):
+    the same numbers whatever the number of processes; rank 0 writes them."""
     generator = torch.Generator(device=device).manual_seed(args.seed + 12345)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     batches, samples, response_ids = [], [], []
@@ -842,7 +891,8 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
     # Variety for one prompt: 4 responses to each of the first 16 prompts (their own seed: the rest is unchanged).
     query, query_mask = left_pad([ids for ids in eval_ids[:16] for _ in range(4)], pad_id, device)
     group_generator = torch.Generator(device=device).manual_seed(args.seed + 54321)
-    raw = generate(policy, query, query_mask, args, eos_id, group_generator, autocast)
+    with unsharded(policy):  # (under torchrun: gathered once for the whole generation)
+        raw = generate(policy, query, query_mask, args, eos_id, group_generator, autocast)
     mask, responses, _ = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
     groups = [[responses[j][mask[j].bool()].tolist() for j in range(i, i + 4)] for i in range(0, len(query), 4)]
     record["eval/self_similarity"] = sum(map(pairwise_similarity, groups)) / len(groups)
@@ -874,9 +924,21 @@ def new_folder(base):
             return path
 
 
-def state_of(obj):
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU memory
+
+
+def sharded(optimizer):
+    return any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
+
+
+def state_of(obj, models=None):
     """What a checkpoint keeps of a model, optimizer or scaler (its state_dict), a generator, a tensor, or SAC's replay
-    buffer (a list: its items, its write position and its draw stream)."""
+    buffer (a list: its items, its write position and its draw stream). A sharded model or optimizer (under torchrun;
+    `models` holds the optimizer's, whose names key its state) is gathered whole on rank 0: every rank must call."""
+    if isinstance(obj, FSDPModule):
+        return get_model_state_dict(obj, options=FULL_STATE)
+    if isinstance(obj, torch.optim.Optimizer) and sharded(obj):
+        return get_optimizer_state_dict(models, obj, options=FULL_STATE)
     if isinstance(obj, torch.Generator):
         return obj.get_state()
     if isinstance(obj, list):
@@ -896,10 +958,15 @@ def sync_to_disk(path):
 
 
 @torch.no_grad()
-def load_state(obj, state):
-    """Put back what state_of kept. A resume on another device or precision goes on, not bit for bit: a generator
-    state from another kind of device seeds a new stream, and a scaler that had no state (bf16, fp32) starts afresh."""
-    if isinstance(obj, torch.Generator):
+def load_state(obj, state, models=None):
+    """Put back what state_of kept (a sharded model or optimizer: each rank keeps its shards of the whole state). A
+    resume on another device or precision goes on, not bit for bit: a generator state from another kind of device
+    seeds a new stream, and a scaler that had no state (bf16, fp32) starts afresh."""
+    if isinstance(obj, FSDPModule):
+        set_model_state_dict(obj, state, options=StateDictOptions(full_state_dict=True))
+    elif isinstance(obj, torch.optim.Optimizer) and sharded(obj):
+        set_optimizer_state_dict(models, obj, state, options=StateDictOptions(full_state_dict=True))
+    elif isinstance(obj, torch.Generator):
         if state.shape == obj.get_state().shape:
             obj.set_state(state)
         else:
@@ -1018,12 +1085,14 @@ class RunLogger:
         if torch.distributed.is_initialized():  # rank 0 writes every rank's own states
             ranks = [None] * torch.distributed.get_world_size() if self.rank == 0 else None
             torch.distributed.gather_object(own, ranks)
+        models = torch.nn.ModuleList([m for m in trained.values() if isinstance(m, torch.nn.Module)])
+        trained = {name: state_of(obj, models) for name, obj in trained.items()}  # (sharded: gathered on rank 0)
         if self.rank == 0:
             records = {"metrics.jsonl": self.file.tell()}
             records["samples.jsonl"] = os.path.getsize(os.path.join(self.dir, "samples.jsonl"))
             for name in records:  # flushed is not on disk: a power cut could lose what the checkpoint counts
                 sync_to_disk(os.path.join(self.dir, name))
-            state = {"trained": {name: state_of(obj) for name, obj in trained.items()}, "ranks": ranks}
+            state = {"trained": trained, "ranks": ranks}
             path = os.path.join(self.dir, "checkpoint.pt")
             try:
                 torch.save(state | {"loop": loop, "records": records}, path + ".tmp")
@@ -1041,8 +1110,9 @@ class RunLogger:
         num_ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if len(state["ranks"]) != num_ranks:
             fail(f"--resume: {len(state['ranks'])} processes wrote the checkpoint; resume with as many (torchrun)")
+        models = torch.nn.ModuleList([m for m in trained.values() if isinstance(m, torch.nn.Module)])
         for name, obj in trained.items():
-            load_state(obj, state["trained"][name])
+            load_state(obj, state["trained"][name], models)
         mine = state["ranks"][self.rank]
         for name, obj in own.items():
             load_state(obj, mine[name])
@@ -1058,6 +1128,7 @@ class RunLogger:
     def finish(self, policy, tokenizer, start_time):
         """Save the final policy (with --save-model), close the records and say what the run achieved."""
         self.bar.close()
+        whole = state_of(policy) if isinstance(policy, FSDPModule) else None  # sharded: gathered on rank 0
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         if self.rank > 0:
@@ -1066,7 +1137,7 @@ class RunLogger:
         if self.args.save_model:  # written beside, then renamed: a failed save never looks like a model
             path = os.path.join(self.dir, "model")
             try:
-                policy.save_pretrained(path + ".tmp")
+                policy.save_pretrained(path + ".tmp", state_dict=whole)
                 tokenizer.save_pretrained(path + ".tmp")
             except Exception as e:  # noqa: BLE001 (a full disk: one line, not a traceback; the records stay whole)
                 shutil.rmtree(path + ".tmp", ignore_errors=True)

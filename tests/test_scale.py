@@ -19,11 +19,30 @@ from tests.helpers import NO_AUTOCAST, OFFLINE_ENV, REPO, read_jsonl, run_main, 
 SCRIPTS = ["ppo_rlhf_multigpu.py", "rloo_rlhf_multigpu.py", "sac_rlhf_multigpu.py"]
 SMALL = ["--batch-size", "32", "--eval-size", "16", "--response-length", "8"]
 # A batch that every process count here splits into whole prompts and whole minibatches (PPO: one minibatch, so one
-# process and two see the same minibatch; SAC: the buffer holds one rollout, so every minibatch is all of it).
+# process and two see the same minibatch; SAC: the buffer holds one rollout, so every minibatch is all of it). SAC's
+# factored critic reads the reference's output layer, reset at update 2 (under torchrun a whole copy of a sharded
+# layer), and its tuned alpha is a plain parameter, outside FSDP, whose gradient is averaged apart.
 SAME_STEPS = {
     "ppo_rlhf_multigpu.py": ["--num-minibatches", "1"],
     "rloo_rlhf_multigpu.py": [],
-    "sac_rlhf_multigpu.py": ["--buffer-size", "32"],
+    "sac_rlhf_multigpu.py": [
+        "--buffer-size",
+        "32",
+        "--critic",
+        "factored",
+        "--ref-sync-every",
+        "2",
+        "--autotune",
+        "--alpha",
+        "0.05",
+    ],
+}
+# Flags of the two-process run only, which change no number: PPO's and RLOO's gradients accumulated over two
+# micro-batches (FSDP reduces them on the last only); RLOO's frozen models whole on each rank.
+TWO_ONLY = {
+    "ppo_rlhf_multigpu.py": ["--gradient-accumulation-steps", "2"],
+    "rloo_rlhf_multigpu.py": ["--gradient-accumulation-steps", "2", "--no-shard-frozen"],
+    "sac_rlhf_multigpu.py": [],
 }
 
 
@@ -61,15 +80,16 @@ def policy_weights(run):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_processes_take_the_same_steps_as_one(script, tmp_path, monkeypatch):
     """With the same responses (fixed sampling, tests/fixed_sampling.py), two processes that each hold half of every
-    batch average their gradients to the one-process gradient of the whole batch: the same policy after three updates
-    (float noise: sums in another order), the same common metrics, which are those of the global batch."""
+    batch and half of every model (FSDP) average their gradients to the one-process gradient of the whole batch: the
+    same policy after three updates (float noise: sums in another order), the same common metrics, which are those of
+    the global batch, and the same evaluations (every rank evaluates; the sharded policy samples gathered whole)."""
     k = "4" if script == "rloo_rlhf_multigpu.py" else "1"
     flags = [*SMALL, *SAME_STEPS[script], "--total-episodes", "96", "--eval-every", "64"]
     monkeypatch.setattr(torch, "multinomial", inverse_cdf_sampler(int(k)))  # this process: the one-process run
     code, _, stderr = run_main(script, *flags, "--output-dir", tmp_path / "one", cwd=tmp_path)
     assert code == 0, stderr[-3000:]
     sampled = [str(REPO / "tests" / "fixed_sampling.py"), k, str(REPO / script), *flags]
-    two = torchrun(2, *sampled, "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
+    two = torchrun(2, *sampled, *TWO_ONLY[script], "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_close_records(records(tmp_path / "one"), records(tmp_path / "two"), tol=1e-5)
     assert read_jsonl(tmp_path / "one" / "samples.jsonl")[-1]["response"] != ""
@@ -109,6 +129,66 @@ def test_a_two_process_run_learns_and_writes_one_run_folder(script, episodes, tm
     assert [r["episode"] for r in evals] == [0, episodes]
     assert evals[1]["eval/scores"] > evals[0]["eval/scores"] + 0.2
     assert len(read_jsonl(out / "samples.jsonl")) == 2 * 16  # one evaluation set each time, not one per rank
+
+
+def test_each_process_holds_half_of_every_model_and_of_the_optimizer_state(tmp_path):
+    """Under torchrun the models are sharded (FSDP2): each of two processes holds half of every model's parameters
+    (the policy, the value model, and the frozen reference, reward and gold models) and half of the optimizer's
+    parameters and AdamW moments, the two halves making the whole (tests/record_shards.py records them at the first
+    step). --no-shard-frozen keeps whole copies of the frozen models and shards the trained ones."""
+    flags = [*SMALL, "--total-episodes", "32", "--eval-every", "32", "--num-ppo-epochs", "1", "--no-save-model"]
+    trained, frozen = ["LlamaForCausalLM", "LlamaForSequenceClassification"], ["LlamaForCausalLM"]
+    frozen += ["LlamaForSequenceClassification"] * 2  # the reward and gold models
+    for name, extra, models in [("sharded", [], trained + frozen), ("copies", ["--no-shard-frozen"], trained)]:
+        recorded = [str(REPO / "tests" / "record_shards.py"), str(tmp_path / name), str(REPO / "ppo_rlhf_multigpu.py")]
+        result = torchrun(2, *recorded, *flags, *extra, "--output-dir", tmp_path / f"{name}_run", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        ranks = [read_jsonl(tmp_path / f"{name}{rank}")[0] for rank in [0, 1]]  # the first step's
+        assert [m[0] for m in ranks[0]["models"]] == models, name
+        held = [[local for _, local, _ in r["models"]] + [r["params"][0], r["moments"][0]] for r in ranks]
+        whole = [total for _, _, total in ranks[0]["models"]] + [ranks[0]["params"][1], ranks[0]["moments"][1]]
+        assert whole[-1] == 2 * whole[-2] > 0  # AdamW's two moments of every trained parameter
+        for local_0, local_1, total in zip(*held, whole, strict=True):
+            assert local_0 + local_1 == total and abs(local_0 - total / 2) < 0.01 * total, (name, held, whole)
+
+
+BRANCH = """
+import sys, copy, torch
+sys.path.insert(0, sys.argv[1])
+import ppo_rlhf_multigpu as ppo
+
+class Routed(torch.nn.Module):  # an expert only some data reaches (a mixture of experts, a custom branch)
+    def __init__(self):
+        super().__init__()
+        self.shared, self.expert = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, routed):
+        h = self.shared(x)
+        return self.expert(h) if routed else h
+
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+torch.manual_seed(0)
+model, x = Routed(), torch.randn(3, 4)
+plain = copy.deepcopy(model)
+plain(x, True).sum().backward()  # the expert's gradient from rank 0's data, which alone reaches it
+ppo.shard_models([model], [], ppo.Args(), 2)
+optimizer = torch.optim.AdamW(model.parameters())
+model(x, rank == 0).sum().backward()
+torch.testing.assert_close(model.expert.weight.grad.full_tensor(), plain.expert.weight.grad / 2)
+ppo.optimizer_step([(optimizer, list(model.parameters()))], torch.amp.GradScaler("cpu", enabled=False), 1.0)
+print("stepped", rank)
+"""
+
+
+def test_a_parameter_that_gets_no_gradient_on_one_process_does_not_hang(tmp_path):
+    """A parameter only some ranks' data reaches (an expert, a data-dependent branch) has a gradient on rank 0 and none
+    on rank 1: the sharded reduction treats the missing one as zeros (same tensors on every rank, no hang or abort,
+    which a plain all-reduce of the gradients there are, or FSDP's default, would give), so the step is the mean."""
+    (tmp_path / "branch.py").write_text(BRANCH)
+    result = torchrun(2, tmp_path / "branch.py", REPO, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stepped 0" in result.stdout and "stepped 1" in result.stdout
 
 
 def interrupt_after_first_checkpoint(command, out):
