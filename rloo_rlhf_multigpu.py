@@ -16,7 +16,8 @@ The scale twin of rloo_rlhf.py: the same algorithm (the same ALGO LOGIC text) pl
 need, and nothing else; `diff rloo_rlhf.py rloo_rlhf_multigpu.py` shows exactly this (docs/scale.md walks through it):
 - torchrun sharded data parallel (FSDP2): each rank holds 1/N of every model and optimizer state and samples its
   share of --batch-size with its own seed; batch statistics and the logged records are the global batch's;
-- checkpoints (--save-every) and --resume: a stopped run goes on as if it had never stopped (same number of processes);
+- sharded checkpoints (--save-every) and --resume: a stopped run goes on as if it had never stopped (on as many
+  processes; on another number, resharded);
 - memory flags that change no number: --gradient-checkpointing, --rollout-micro-batch-size and
   --gradient-accumulation-steps.
 One process (plain `python`) gives the same numbers as rloo_rlhf.py.
@@ -35,10 +36,12 @@ import random
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
+import torch.distributed.checkpoint as dcp
 import transformers
 import tyro
 from torch.distributed.checkpoint.state_dict import (
@@ -55,6 +58,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 transformers.utils.logging.disable_progress_bar()  # keep the output to our own progress bar
+warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process saves a checkpoint alone: intended
 
 
 @dataclass
@@ -496,7 +500,7 @@ COMMON_RANGES = {  # the allowed interval of each numeric flag; values must be f
 }
 COMMON_RANGES["[1, inf)"].append("rollout_micro_batch_size")
 RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "model.tmp", "INCOMPLETE"}
-RUN_FILES |= {"checkpoint.pt", "checkpoint.pt.tmp"}
+RUN_FILES |= {"checkpoint", "checkpoint.tmp", "checkpoint.old"}
 # Flags a resumed run may change: where and how it runs and logs, and its memory, not what it computes.
 RESUMABLE = {"resume", "save_every", "output_dir", "overwrite_output_dir", "exp_name", "cuda", "mixed_precision"}
 RESUMABLE |= {"track", "wandb_project_name", "wandb_entity"}
@@ -559,7 +563,7 @@ def check_args(args, algo_ranges, world_size):
             fail("--resume continues the run in --output-dir: pass --output-dir <the run's folder>")
         if args.overwrite_output_dir:
             fail("--resume continues a run and --overwrite-output-dir replaces it: pass one of the two")
-        if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        if latest_checkpoint(out) is None:
             fail(f"--resume: --output-dir {out} holds no checkpoint (a run writes them with --save-every)")
         if not os.path.exists(os.path.join(out, "INCOMPLETE")):
             fail(f"--resume: the run in --output-dir {out} has finished; there is nothing to resume")
@@ -573,7 +577,7 @@ def check_args(args, algo_ranges, world_size):
         foreign = sorted(set(os.listdir(out)) - RUN_FILES) if os.path.isdir(out) else ["it is a file"]
         if foreign:  # --overwrite-output-dir deletes a run's files, never anything else
             fail(f"--output-dir {out} is not a run's folder ({', '.join(foreign[:3])}); choose another folder")
-        stopped = all(os.path.exists(os.path.join(out, name)) for name in ["checkpoint.pt", "INCOMPLETE"])
+        stopped = latest_checkpoint(out) is not None and os.path.exists(os.path.join(out, "INCOMPLETE"))
         if stopped and not args.overwrite_output_dir:
             fail(f"--output-dir {out} holds a stopped run with a checkpoint: continue it with --resume, or replace it")
         if os.listdir(out) and not args.overwrite_output_dir:
@@ -873,21 +877,32 @@ def new_folder(base):
             return path
 
 
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU memory
+def latest_checkpoint(folder):
+    """The newest whole checkpoint of a run folder: checkpoint/, or checkpoint.old/ when a crash came between the two
+    renames that replace it (RunLogger.save_checkpoint); None if it has none."""
+    for name in ["checkpoint", "checkpoint.old"]:
+        if os.path.isfile(os.path.join(folder, name, "run.pt")):
+            return os.path.join(folder, name)
+    return None
 
 
-def sharded(optimizer):
-    return any(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"])
+def distributed_state(trained, names=None):
+    """What torch's distributed checkpoint (DCP) keeps of `trained`, each rank its own shards: every model, and every
+    optimizer of their parameters that has state (or those `names`, on resume: reading a fresh one's creates it).
+    Returns {name: state_dict} and the models as one module, whose parameter names key the optimizers' states."""
+    models = torch.nn.ModuleList([m for m in trained.values() if isinstance(m, torch.nn.Module)])
+    ids = {id(p) for p in models.parameters()}
+    states = {name: get_model_state_dict(obj) for name, obj in trained.items() if isinstance(obj, torch.nn.Module)}
+    for name, obj in [(name, obj) for name, obj in trained.items() if isinstance(obj, torch.optim.Optimizer)]:
+        of_models = all(id(p) in ids for group in obj.param_groups for p in group["params"])  # (not SAC's alpha's)
+        if of_models and (obj.state if names is None else name in names):
+            states[name] = get_optimizer_state_dict(models, obj)
+    return states, models
 
 
-def state_of(obj, models=None):
-    """What a checkpoint keeps of a model, optimizer or scaler (its state_dict), a generator, a tensor, or SAC's replay
-    buffer (a list: its items, its write position and its draw stream). A sharded model or optimizer (under torchrun;
-    `models` holds the optimizer's, whose names key its state) is gathered whole on rank 0: every rank must call."""
-    if isinstance(obj, FSDPModule):
-        return get_model_state_dict(obj, options=FULL_STATE)
-    if isinstance(obj, torch.optim.Optimizer) and sharded(obj):
-        return get_optimizer_state_dict(models, obj, options=FULL_STATE)
+def state_of(obj):
+    """What a checkpoint keeps, beside DCP's part, of a scaler or optimizer (its state_dict), a generator, a tensor, or
+    SAC's replay buffer (a list: its items, its write position and its draw stream)."""
     if isinstance(obj, torch.Generator):
         return obj.get_state()
     if isinstance(obj, list):
@@ -907,15 +922,10 @@ def sync_to_disk(path):
 
 
 @torch.no_grad()
-def load_state(obj, state, models=None):
-    """Put back what state_of kept (a sharded model or optimizer: each rank keeps its shards of the whole state). A
-    resume on another device or precision goes on, not bit for bit: a generator state from another kind of device
-    seeds a new stream, and a scaler that had no state (bf16, fp32) starts afresh."""
-    if isinstance(obj, FSDPModule):
-        set_model_state_dict(obj, state, options=StateDictOptions(full_state_dict=True))
-    elif isinstance(obj, torch.optim.Optimizer) and sharded(obj):
-        set_optimizer_state_dict(models, obj, state, options=StateDictOptions(full_state_dict=True))
-    elif isinstance(obj, torch.Generator):
+def load_state(obj, state):
+    """Put back what state_of kept. A resume on another device or precision goes on, not bit for bit: a generator
+    state from another kind of device seeds a new stream, and a scaler that had no state (bf16, fp32) starts afresh."""
+    if isinstance(obj, torch.Generator):
         if state.shape == obj.get_state().shape:
             obj.set_state(state)
         else:
@@ -938,10 +948,10 @@ class RunLogger:
 
     def __init__(self, args, run_name, rank):
         self.args, self.rank, self.episode, self.last_eval, self.wandb = args, rank, 0, "", None
-        self.checkpoint = None
-        if args.resume:  # every rank reads it (memory-mapped, so one copy is shared): see resume()
-            path = os.path.join(args.output_dir, "checkpoint.pt")
-            self.checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        self.checkpoint = self.saved = None
+        if args.resume:  # every rank reads its run.pt (rank 0 cuts the records back to it): see resume()
+            self.checkpoint = latest_checkpoint(args.output_dir)
+            self.saved = torch.load(os.path.join(self.checkpoint, "run.pt"), weights_only=True)
         if rank == 0:
             self.dir = self.open_folder(args, run_name)
             if args.track:
@@ -959,7 +969,7 @@ class RunLogger:
         --resume the run's own, its records cut back to the checkpoint's."""
         try:
             if args.resume:
-                for name, size in self.checkpoint["records"].items():
+                for name, size in self.saved["records"].items():
                     os.truncate(os.path.join(args.output_dir, name), size)
                 self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (for the run)
                 return args.output_dir
@@ -1024,60 +1034,96 @@ class RunLogger:
             f.writelines(json.dumps({"episode": episode, **s}) + "\n" for s in samples)
 
     def save_checkpoint(self, trained, own, loop):
-        """--save-every: <output-dir>/checkpoint.pt holds all the next update depends on: `trained` (models, optimizers,
-        scaler: the same on every rank), each rank's `own` (its sampling generator, SAC's buffer) and RNG states, the
-        loop's counters and the records' lengths. Written under a temporary name, synced, then renamed: Ctrl-C or a
-        crash leaves the previous checkpoint whole, and the records it counts are on disk."""
+        """--save-every: <output-dir>/checkpoint/ holds all the next update depends on: the models and optimizers in
+        torch's distributed checkpoint format (https://docs.pytorch.org/docs/stable/distributed.checkpoint.html: each
+        rank writes its own shards, nothing is gathered), each rank's `own` (its sampling generator, SAC's buffer) and
+        RNG states in rank<r>.pt, and in run.pt the rest of `trained` (the scaler, SAC's alpha), the loop's counters
+        and the records' lengths. Written to checkpoint.tmp/, every file synced, then renamed: Ctrl-C or a crash leaves
+        the previous checkpoint whole (latest_checkpoint finds the newest whole one), and the records it counts are
+        on disk."""
+        path = os.path.join(self.args.output_dir, "checkpoint")
+        num_ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        states, _ = distributed_state(trained)
+        run = {"trained": {name: state_of(obj) for name, obj in trained.items() if name not in states}}
+        run |= {"distributed": list(states), "loop": loop, "num_processes": num_ranks}
         own = {name: state_of(obj) for name, obj in own.items()}
         own["rng"] = [torch.get_rng_state(), random.getstate(), torch.cuda.get_rng_state() if self.args.cuda else None]
-        ranks = [own]
-        if torch.distributed.is_initialized():  # rank 0 writes every rank's own states
-            ranks = [None] * torch.distributed.get_world_size() if self.rank == 0 else None
-            torch.distributed.gather_object(own, ranks)
-        models = torch.nn.ModuleList([m for m in trained.values() if isinstance(m, torch.nn.Module)])
-        trained = {name: state_of(obj, models) for name, obj in trained.items()}  # (sharded: gathered on rank 0)
         if self.rank == 0:
-            records = {"metrics.jsonl": self.file.tell()}
-            records["samples.jsonl"] = os.path.getsize(os.path.join(self.dir, "samples.jsonl"))
-            for name in records:  # flushed is not on disk: a power cut could lose what the checkpoint counts
+            shutil.rmtree(path + ".tmp", ignore_errors=True)  # what a crash left half written
+            run["records"] = {"metrics.jsonl": self.file.tell()}
+            run["records"]["samples.jsonl"] = os.path.getsize(os.path.join(self.dir, "samples.jsonl"))
+            for name in run["records"]:  # flushed is not on disk: a power cut could lose what the checkpoint counts
                 sync_to_disk(os.path.join(self.dir, name))
-            state = {"trained": trained, "ranks": ranks}
-            path = os.path.join(self.dir, "checkpoint.pt")
-            try:
-                torch.save(state | {"loop": loop, "records": records}, path + ".tmp")
-                sync_to_disk(path + ".tmp")
-            except Exception as e:  # noqa: BLE001 (a full disk: one line; the previous checkpoint stays whole)
-                with contextlib.suppress(OSError):
-                    os.remove(path + ".tmp")
-                fail(f"--output-dir {self.dir}: cannot write a checkpoint ({str(e).splitlines()[0]}); kept the last")
+        if num_ranks > 1:
+            torch.distributed.barrier()
+        try:
+            dcp.save(states, checkpoint_id=path + ".tmp", no_dist=num_ranks == 1)  # (a collective; files synced)
+            for name, state in [(f"rank{self.rank}.pt", own), *([("run.pt", run)] if self.rank == 0 else [])]:
+                torch.save(state, os.path.join(path + ".tmp", name))
+                sync_to_disk(os.path.join(path + ".tmp", name))
+        except Exception as e:  # noqa: BLE001 (a full disk: one line; the previous checkpoint stays whole)
+            shutil.rmtree(path + ".tmp", ignore_errors=True)
+            out = self.args.output_dir
+            fail(f"--output-dir {out}: cannot write a checkpoint ({str(e).splitlines()[0]}); kept the last", True)
+        if num_ranks > 1:  # every rank's files are written
+            torch.distributed.barrier()
+        if self.rank == 0:
+            if os.path.isdir(path):  # a crash from here on leaves checkpoint.old/ or checkpoint/ whole
+                shutil.rmtree(path + ".old", ignore_errors=True)
+                os.replace(path, path + ".old")
             os.replace(path + ".tmp", path)
-            sync_to_disk(self.dir)  # the rename itself
+            sync_to_disk(self.dir)  # the renames themselves
+            shutil.rmtree(path + ".old", ignore_errors=True)
 
     def resume(self, trained, own):
-        """--resume: put the checkpoint's states into the run's objects (built as for a new run) and return its loop."""
-        state, self.checkpoint = self.checkpoint, None
+        """--resume: put the checkpoint's states into the run's objects (built as for a new run) and return its loop.
+        On another number of processes than wrote it, DCP reshards the models and optimizers; rank r takes rank r's
+        generators and RNG states (a rank it lacks keeps its new ones: fresh streams), and SAC's buffers are pooled
+        and dealt out again: the run goes on correctly, but not bit for bit."""
+        folder, run = self.checkpoint, self.saved
         num_ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if len(state["ranks"]) != num_ranks:
-            fail(f"--resume: {len(state['ranks'])} processes wrote the checkpoint; resume with as many (torchrun)")
-        models = torch.nn.ModuleList([m for m in trained.values() if isinstance(m, torch.nn.Module)])
-        for name, obj in trained.items():
-            load_state(obj, state["trained"][name], models)
-        mine = state["ranks"][self.rank]
+        states, models = distributed_state(trained, run["distributed"])
+        dcp.load(states, checkpoint_id=folder, no_dist=num_ranks == 1)  # each rank its shards, whatever N wrote them
+        for name, state in states.items():
+            if isinstance(trained[name], torch.nn.Module):
+                set_model_state_dict(trained[name], state)
+            else:
+                set_optimizer_state_dict(models, trained[name], state)
+        for name, state in run["trained"].items():
+            load_state(trained[name], state)
+        ranks = [os.path.join(folder, f"rank{r}.pt") for r in range(run["num_processes"])]
+        ranks = [torch.load(path, weights_only=True) for path in ranks]
+        mine = ranks[self.rank] if self.rank < len(ranks) else None
         for name, obj in own.items():
-            load_state(obj, mine[name])
-        torch.set_rng_state(mine["rng"][0])
-        random.setstate(mine["rng"][1])
-        if self.args.cuda and mine["rng"][2] is not None:
+            if isinstance(obj, list) and len(ranks) != num_ranks:  # SAC's buffers: pooled oldest first, dealt out
+                aged = [r[name]["items"][r[name]["next"] :] + r[name]["items"][: r[name]["next"]] for r in ranks]
+                pooled = [x for items in itertools.zip_longest(*aged) for x in items if x is not None]
+                items = pooled[self.rank :: num_ranks][-obj.capacity :]
+                rng = mine[name]["rng"] if mine else obj.rng.getstate()
+                load_state(obj, {"items": items, "next": len(items) % obj.capacity, "rng": rng})
+            elif mine is not None:
+                load_state(obj, mine[name])
+        random.setstate(ranks[0]["rng"][1])  # the prompt order: one stream, the same on every rank
+        if mine is not None:
+            torch.set_rng_state(mine["rng"][0])
+        if self.args.cuda and mine is not None and mine["rng"][2] is not None:
             torch.cuda.set_rng_state(mine["rng"][2])
-        self.episode = self.bar.n = state["loop"]["episode"]
+        self.episode = self.bar.n = run["loop"]["episode"]
         if self.rank == 0:
             self.bar.write(f"resumed at episode {self.episode} from its checkpoint in {self.dir}")
-        return state["loop"]
+            if len(ranks) != num_ranks:
+                self.bar.write(f"note: {len(ranks)} processes wrote it and {num_ranks} go on: not bit for bit")
+        return run["loop"]
 
     def finish(self, policy, tokenizer, start_time):
         """Save the final policy (with --save-model), close the records and say what the run achieved."""
         self.bar.close()
-        whole = state_of(policy) if isinstance(policy, FSDPModule) else None  # sharded: gathered on rank 0
+        whole = None
+        if isinstance(policy, FSDPModule):  # sharded: gathered whole on rank 0's CPU, a tied weight once (as unsharded)
+            whole = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            kept = dict(policy.named_parameters()).keys()  # (a tied weight under its first name)
+            tied = {name for name, _ in policy.named_parameters(remove_duplicate=False)} - kept
+            whole = {name: tensor for name, tensor in whole.items() if name not in tied}
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         if self.rank > 0:

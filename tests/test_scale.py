@@ -195,7 +195,7 @@ def interrupt_after_first_checkpoint(command, out):
     """Start a run in out's parent folder, press Ctrl-C once its first checkpoint exists, and return what it printed."""
     pipe = subprocess.PIPE
     proc = subprocess.Popen(command, cwd=out.parent, env=ENV, stdout=pipe, stderr=pipe, text=True)
-    while not (out / "checkpoint.pt").exists():
+    while not (out / "checkpoint").exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -235,9 +235,10 @@ def test_an_interrupted_run_resumed_writes_the_same_records_and_policy(script, t
 
 
 def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
-    """Under torchrun the checkpoint holds every rank's sampling generator, SAC buffer and its draw stream: an
-    interrupted two-process run resumed with two processes writes the same records as one never stopped; with one
-    process it is refused. Minibatches (48) larger than a rollout (32): learning starts once the buffer holds one,
+    """Under torchrun the checkpoint holds every rank's shards of the models and optimizers, sampling generator, SAC
+    buffer and its draw stream: an interrupted two-process run resumed with two processes writes the same records as
+    one never stopped; one process goes on from it to the end, the two buffers pooled into its one (it holds both
+    ranks' responses at once). Minibatches (48) larger than a rollout (32): learning starts once the buffer holds one,
     counted over both ranks (each samples its share, 24, from its own 32). Each rank draws its minibatches on its own
     stream: the same positions on both would make a minibatch pairs of responses from the same updates."""
     flags = [*SMALL, "--total-episodes", "256", "--eval-every", "128", "--save-every", "64", "--buffer-size", "64"]
@@ -255,14 +256,37 @@ def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
     interrupt_after_first_checkpoint(
         torchrun_command(2, REPO / "sac_rlhf_multigpu.py", *flags, "--output-dir", stopped), stopped
     )
-    alone = run_script("sac_rlhf_multigpu.py", *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
-    assert alone.returncode != 0 and "2 processes wrote the checkpoint" in alone.stderr
-    assert "Traceback" not in alone.stderr
+    shutil.copytree(stopped, tmp_path / "alone")
+    alone = run_script("sac_rlhf_multigpu.py", *flags, "--output-dir", tmp_path / "alone", "--resume", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "2 processes wrote it and 1 go on: not bit for bit" in alone.stdout + alone.stderr
+    resumed_train = [r for r in read_jsonl(tmp_path / "alone" / "metrics.jsonl") if "update" in r]
+    assert [r["episode"] for r in resumed_train] == list(range(32, 257, 32))
+    assert all(r["sac/buffer_size"] == 64 for r in resumed_train[2:])  # the pooled buffer, full from the first
     resumed = torchrun(2, str(REPO / "sac_rlhf_multigpu.py"), *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert records(stopped, ("episode", "objective/", "eval/", "loss/", "sac/")) == records(
         full, ("episode", "objective/", "eval/", "loss/", "sac/")
     )
+
+
+def test_a_two_process_checkpoint_resumed_by_one_process_goes_on_with_its_trained_state(tmp_path, monkeypatch):
+    """A checkpoint written by two processes (each rank its own shards, torch.distributed.checkpoint) resumed by one:
+    the models and the optimizer are resharded into the one process. With the same responses (fixed sampling), the
+    resumed one-process run writes the records and the final policy of the two-process run never stopped, up to float
+    rounding: it went on from the trained state the two processes saved, not from a fresh one."""
+    flags = [*SMALL, "--total-episodes", "128", "--eval-every", "64", "--save-every", "32"]
+    sampled = [str(REPO / "tests" / "fixed_sampling.py"), "4", str(REPO / "rloo_rlhf_multigpu.py"), *flags]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert torchrun(2, *sampled, "--output-dir", full, cwd=tmp_path).returncode == 0
+    interrupt_after_first_checkpoint(torchrun_command(2, *sampled, "--output-dir", stopped), stopped)
+    assert len(read_jsonl(stopped / "metrics.jsonl")) < len(read_jsonl(full / "metrics.jsonl"))
+    monkeypatch.setattr(torch, "multinomial", inverse_cdf_sampler(4))
+    code, _, stderr = run_main("rloo_rlhf_multigpu.py", *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert_close_records(records(stopped), records(full), tol=1e-5)
+    for name, weight in policy_weights(full).items():
+        torch.testing.assert_close(policy_weights(stopped)[name], weight, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -356,8 +380,9 @@ def test_a_finished_run_is_not_resumed_and_batches_must_split_over_the_processes
 
 def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
     """A crash (a power cut, not only Ctrl-C) must leave a whole checkpoint whose records exist: the records it counts
-    (metrics.jsonl, samples.jsonl) and the new checkpoint's file are synced before the rename, and the folder after
-    it (os.replace alone can leave an empty or old file behind a power cut)."""
+    (metrics.jsonl, samples.jsonl) and every file of the new checkpoint are synced before the renames that replace the
+    last one (checkpoint/ to checkpoint.old/, checkpoint.tmp/ to checkpoint/), and the run folder after them
+    (os.replace alone can leave an empty or old file behind a power cut)."""
     events = []
     fsync, replace = os.fsync, os.replace
 
@@ -371,9 +396,12 @@ def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monke
     flags = [*SMALL, "--total-episodes", "96", "--eval-every", "64", "--save-every", "32", "--no-save-model"]
     code, _, stderr = run_main("rloo_rlhf_multigpu.py", *flags, "--output-dir", out, cwd=tmp_path)
     assert code == 0, stderr[-3000:]
-    saves = [i for i, event in enumerate(events) if event == ("replace", "checkpoint.pt")]
+    saves = [i for i, event in enumerate(events) if event == ("replace", "checkpoint")]
     assert len(saves) == 2  # after updates 1 and 2 (not after the last)
     for i in saves:
-        before = events[max(j for j in [-1, *saves] if j < i) + 1 : i]
-        assert {("fsync", "metrics.jsonl"), ("fsync", "samples.jsonl"), ("fsync", "checkpoint.pt.tmp")} <= set(before)
-        assert events[i + 1] == ("fsync", "run")  # the folder, so the rename itself is durable
+        before = set(events[max(j for j in [-1, *saves] if j < i) + 1 : i])
+        assert {("fsync", "metrics.jsonl"), ("fsync", "samples.jsonl"), ("fsync", "run.pt")} <= before
+        assert {("fsync", "rank0.pt"), ("fsync", "__0_0.distcp")} <= before  # each rank's file and shards
+        assert events[i + 1] == ("fsync", "run")  # the folder, so the renames themselves are durable
+    assert ("replace", "checkpoint.old") in events[saves[0] : saves[1]]  # the second save kept the first till then
+    assert sorted(os.listdir(out / "checkpoint")) == [".metadata", "__0_0.distcp", "rank0.pt", "run.pt"]
