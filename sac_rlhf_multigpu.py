@@ -31,6 +31,8 @@ Usage: torchrun --nproc-per-node 2 sac_rlhf_multigpu.py --help   (or plain `pyth
 import contextlib
 import copy
 import dataclasses
+import datetime
+import functools
 import importlib.util
 import itertools
 import json
@@ -321,10 +323,22 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def chunked(size, fn, *inputs):
+def chunked(size, fn, *inputs, over_ranks=False):
     """fn(*inputs) on successive slices of `size` rows (all rows at once if None), concatenated: the same numbers with
-    the memory of one slice (--rollout-micro-batch-size). Tensor inputs are sliced; the others (a model) pass whole."""
-    rows = next(x for x in inputs if isinstance(x, torch.Tensor)).shape[0]
+    the memory of one slice (--rollout-micro-batch-size). Tensor inputs are sliced; the others (a model) pass whole.
+    over_ranks (the evaluation, whose rows every rank holds): under torchrun each rank computes an equal run of the
+    rows (the last rank's padded with copies of the last row), gathered back in order, so every rank makes the same
+    forward passes through the sharded models and ends with every row's result."""
+    first = next(x for x in inputs if isinstance(x, torch.Tensor))
+    rows = first.shape[0]
+    if over_ranks and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        share = -(-rows // world_size)  # rows per rank, rounded up
+        mine = torch.arange(rank * share, (rank + 1) * share, device=first.device).clamp(max=rows - 1)
+        out = chunked(size, fn, *(x[mine] if isinstance(x, torch.Tensor) else x for x in inputs))
+        parts = out if isinstance(out, tuple) else (out,)
+        parts = tuple(all_gather(part)[:rows] for part in parts)  # (the padding rows last: dropped)
+        return parts if isinstance(out, tuple) else parts[0]
     size = size or rows
     outputs = [
         fn(*(x[i : i + size] if isinstance(x, torch.Tensor) else x for x in inputs)) for i in range(0, rows, size)
@@ -361,16 +375,20 @@ def whole_batch_mean(x, mask):
 
 
 @torch.no_grad()
-def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast):
+def rollout(
+    policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast, over_ranks=False
+):
     """Sample responses and what the losses and logs need about them, with no gradient. Returns responses, mask
-    (float), has_eos, log-probs, reference log-probs, entropy ([batch, time] each but has_eos) and scores [batch]."""
+    (float), has_eos, log-probs, reference log-probs, entropy ([batch, time] each but has_eos) and scores [batch].
+    over_ranks (the evaluation): every rank samples every row, and the ranks split the scoring (see chunked)."""
     with unsharded(policy):  # (under torchrun: gathered once for the whole generation)
         raw = generate(policy, query, query_mask, args, eos_id, generator, autocast)
     mask, responses, has_eos = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
-    rows, size = (query, query_mask, responses, mask), args.rollout_micro_batch_size
-    logprobs, entropy = chunked(size, forward_logprobs, policy, *rows, args.temperature, autocast)
-    ref_logprobs, _ = chunked(size, forward_logprobs, ref_policy, *rows, args.temperature, autocast)
-    scores = chunked(size, get_scores, reward_model, *rows, autocast)
+    rows = (query, query_mask, responses, mask)
+    chunks = functools.partial(chunked, args.rollout_micro_batch_size, over_ranks=over_ranks)  # the no-grad passes
+    logprobs, entropy = chunks(forward_logprobs, policy, *rows, args.temperature, autocast)
+    ref_logprobs, _ = chunks(forward_logprobs, ref_policy, *rows, args.temperature, autocast)
+    scores = chunks(get_scores, reward_model, *rows, autocast)
     if args.missing_eos_penalty is not None:  # the "EOS trick" (N+ sec. 7): responses must end
         scores = scores - args.missing_eos_penalty * (~has_eos).float()
     return responses, mask.float(), has_eos, logprobs, ref_logprobs, entropy, scores
@@ -597,7 +615,10 @@ def setup_distributed(args):
         cuda = args.cuda and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")  # gloo for the CPU's tensors
+        # gloo for the CPU's tensors. A collective that waits 30 minutes (a rank died or hangs) ends the run with an
+        # error: explicit, since NCCL's default is 10 minutes, which a long evaluation or checkpoint could pass.
+        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     return rank, world_size
 
 
@@ -884,19 +905,19 @@ def check_finite(loss, update):
 @torch.no_grad()
 def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast):
     """One response per evaluation prompt (a fixed seed, so evaluations are comparable), scored; the variety metrics.
-    Under torchrun every rank evaluates every prompt in step (a forward pass through a sharded model is collective):
-    the same numbers whatever the number of processes; rank 0 writes them."""
+    Under torchrun every rank samples every prompt (the same draws, so the same numbers whatever the number of
+    processes) and scores its share of each batch, --rollout-micro-batch-size rows at a time; rank 0 writes them."""
     generator = torch.Generator(device=device).manual_seed(args.seed + 12345)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     batches, samples, response_ids = [], [], []
     for i in range(0, len(eval_ids), args.batch_size):
         query, query_mask = left_pad(eval_ids[i : i + args.batch_size], pad_id, device)
         responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
-            policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
-        )
+            policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast, True
+        )  # (True: every rank scores its share of the rows)
         stats = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)
         rows, size = (query, query_mask, responses, mask.long()), args.rollout_micro_batch_size
-        gold = None if gold_model is None else chunked(size, get_scores, gold_model, *rows, autocast)
+        gold = None if gold_model is None else chunked(size, get_scores, gold_model, *rows, autocast, over_ranks=True)
         stats |= {} if gold is None else {"gold_scores": gold.mean().item()}
         batches.append((len(query), stats))
         for j in range(len(query)):

@@ -38,11 +38,12 @@ SAME_STEPS = {
     ],
 }
 # Flags of the two-process run only, which change no number: PPO's and RLOO's gradients accumulated over two
-# micro-batches (FSDP reduces them on the last only); RLOO's frozen models whole on each rank.
+# micro-batches (FSDP reduces them on the last only); RLOO's frozen models whole on each rank; SAC's no-grad passes
+# (the evaluation's split over the ranks) 3 rows at a time.
 TWO_ONLY = {
     "ppo_rlhf_multigpu.py": ["--gradient-accumulation-steps", "2"],
     "rloo_rlhf_multigpu.py": ["--gradient-accumulation-steps", "2", "--no-shard-frozen"],
-    "sac_rlhf_multigpu.py": [],
+    "sac_rlhf_multigpu.py": ["--rollout-micro-batch-size", "3"],
 }
 
 
@@ -177,7 +178,7 @@ optimizer = torch.optim.AdamW(model.parameters())
 model(x, rank == 0).sum().backward()
 torch.testing.assert_close(model.expert.weight.grad.full_tensor(), plain.expert.weight.grad / 2)
 ppo.optimizer_step([(optimizer, list(model.parameters()))], torch.amp.GradScaler("cpu", enabled=False), 1.0)
-print("stepped", rank)
+print(f"stepped {rank}", flush=True)  # (one write: the ranks' lines stay whole)
 """
 
 
@@ -189,6 +190,39 @@ def test_a_parameter_that_gets_no_gradient_on_one_process_does_not_hang(tmp_path
     result = torchrun(2, tmp_path / "branch.py", REPO, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stepped 0" in result.stdout and "stepped 1" in result.stdout
+
+
+SPLIT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import ppo_rlhf_multigpu as ppo
+
+torch.distributed.init_process_group("gloo")
+torch.manual_seed(0)  # the same model on both ranks
+x, model = torch.arange(15.0).view(5, 3), torch.nn.Linear(3, 2)  # 5 rows over 2 ranks: 3 each, the last one padded
+calls = []
+def fn(model, x):
+    calls.append(len(x))
+    return model(x), x.sum(1)
+with torch.no_grad():
+    whole = fn(model, x)
+    calls.clear()
+    split = ppo.chunked(2, fn, model, x, over_ranks=True)
+assert calls == [2, 1], calls  # this rank's 3 rows, 2 at a time: the same calls on every rank
+for a, b in zip(split, whole, strict=True):
+    torch.testing.assert_close(a, b)
+print(f"rows in order {torch.distributed.get_rank()}", flush=True)  # (one write: the ranks' lines stay whole)
+"""
+
+
+def test_the_evaluation_splits_its_rows_over_the_processes_in_order(tmp_path):
+    """The evaluation's no-grad passes split over the ranks (chunked(..., over_ranks=True)): each rank computes an
+    equal run of the rows, --rollout-micro-batch-size at a time (the same number of forward passes on every rank, as a
+    sharded model needs), and every rank gets every row's result back in order."""
+    (tmp_path / "split.py").write_text(SPLIT)
+    result = torchrun(2, tmp_path / "split.py", REPO, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rows in order 0" in result.stdout and "rows in order 1" in result.stdout
 
 
 def interrupt_after_first_checkpoint(command, out):
