@@ -17,10 +17,11 @@ https://arxiv.org/abs/2403.17031. Style: CleanRL (one file, the algorithm first,
 
 The scale twin of sac_rlhf.py: the same algorithm (the same ALGO LOGIC text) plus what 1B-8B models on many GPUs
 need, and nothing else; `diff sac_rlhf.py sac_rlhf_multigpu.py` shows exactly this (docs/scale.md walks through it):
-- torchrun data parallel: each rank samples its share of --batch-size with its own seed and keeps its share of the
-  replay buffer; gradients are averaged over the ranks; batch statistics and the logged records are the global batch's;
-  rank 0 evaluates;
-- checkpoints (--save-every) and --resume: a stopped run goes on as if it had never stopped (same number of processes);
+- torchrun sharded data parallel (FSDP2): each rank holds 1/N of every model and optimizer state, samples its share
+  of --batch-size with its own seed and keeps its share of the replay buffer; batch statistics and the logged records
+  are the global batch's;
+- sharded checkpoints (--save-every) and --resume: a stopped run goes on as if it had never stopped (on as many
+  processes; on another number, resharded);
 - memory flags that change no number: --gradient-checkpointing, --rollout-micro-batch-size.
 One process (plain `python`) gives the same numbers as sac_rlhf.py.
 
@@ -30,6 +31,8 @@ Usage: torchrun --nproc-per-node 2 sac_rlhf_multigpu.py --help   (or plain `pyth
 import contextlib
 import copy
 import dataclasses
+import datetime
+import functools
 import importlib.util
 import inspect
 import itertools
@@ -41,17 +44,29 @@ import random
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
+import torch.distributed.checkpoint as dcp
 import transformers
 import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 transformers.utils.logging.disable_progress_bar()  # keep the output to our own progress bar
+warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process saves a checkpoint alone: intended
 
 
 @dataclass
@@ -92,6 +107,7 @@ class Args:
     resume: bool = False  # continue the run in --output-dir from its last checkpoint, with the flags in its args.json
     gradient_checkpointing: bool = False  # recompute layer activations in the backward pass instead of keeping them
     rollout_micro_batch_size: int | None = None  # rows per no-grad forward pass (rollouts, evaluation); None = all
+    shard_frozen: bool = True  # torchrun: shard the reference and RMs too (1/N the memory); off: copies, fewer gathers
 
     # Algorithm specific arguments
     alpha: float = 0.0  # the entropy coefficient (the initial one with --autotune); 0 = no entropy term
@@ -311,10 +327,22 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def chunked(size, fn, *inputs):
+def chunked(size, fn, *inputs, over_ranks=False):
     """fn(*inputs) on successive slices of `size` rows (all rows at once if None), concatenated: the same numbers with
-    the memory of one slice (--rollout-micro-batch-size). Tensor inputs are sliced; the others (a model) pass whole."""
-    rows = next(x for x in inputs if isinstance(x, torch.Tensor)).shape[0]
+    the memory of one slice (--rollout-micro-batch-size). Tensor inputs are sliced; the others (a model) pass whole.
+    over_ranks (the evaluation, whose rows every rank holds): under torchrun each rank computes an equal run of the
+    rows (the last rank's padded with copies of the last row), gathered back in order, so every rank makes the same
+    forward passes through the sharded models and ends with every row's result."""
+    first = next(x for x in inputs if isinstance(x, torch.Tensor))
+    rows = first.shape[0]
+    if over_ranks and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        share = -(-rows // world_size)  # rows per rank, rounded up
+        mine = torch.arange(rank * share, (rank + 1) * share, device=first.device).clamp(max=rows - 1)
+        out = chunked(size, fn, *(x[mine] if isinstance(x, torch.Tensor) else x for x in inputs))
+        parts = out if isinstance(out, tuple) else (out,)
+        parts = tuple(all_gather(part)[:rows] for part in parts)  # (the padding rows last: dropped)
+        return parts if isinstance(out, tuple) else parts[0]
     size = size or rows
     outputs = [
         fn(*(x[i : i + size] if isinstance(x, torch.Tensor) else x for x in inputs)) for i in range(0, rows, size)
@@ -351,15 +379,20 @@ def whole_batch_mean(x, mask):
 
 
 @torch.no_grad()
-def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast):
+def rollout(
+    policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast, over_ranks=False
+):
     """Sample responses and what the losses and logs need about them, with no gradient. Returns responses, mask
-    (float), has_eos, log-probs, reference log-probs, entropy ([batch, time] each but has_eos) and scores [batch]."""
-    raw = generate(policy, query, query_mask, args, eos_id, generator, autocast)
+    (float), has_eos, log-probs, reference log-probs, entropy ([batch, time] each but has_eos) and scores [batch].
+    over_ranks (the evaluation): every rank samples every row, and the ranks split the scoring (see chunked)."""
+    with unsharded(policy):  # (under torchrun: gathered once for the whole generation)
+        raw = generate(policy, query, query_mask, args, eos_id, generator, autocast)
     mask, responses, has_eos = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
-    rows, size = (query, query_mask, responses, mask), args.rollout_micro_batch_size
-    logprobs, entropy = chunked(size, forward_logprobs, policy, *rows, args.temperature, autocast)
-    ref_logprobs, _ = chunked(size, forward_logprobs, ref_policy, *rows, args.temperature, autocast)
-    scores = chunked(size, get_scores, reward_model, *rows, autocast)
+    rows = (query, query_mask, responses, mask)
+    chunks = functools.partial(chunked, args.rollout_micro_batch_size, over_ranks=over_ranks)  # the no-grad passes
+    logprobs, entropy = chunks(forward_logprobs, policy, *rows, args.temperature, autocast)
+    ref_logprobs, _ = chunks(forward_logprobs, ref_policy, *rows, args.temperature, autocast)
+    scores = chunks(get_scores, reward_model, *rows, autocast)
     if args.missing_eos_penalty is not None:  # the "EOS trick" (N+ sec. 7): responses must end
         scores = scores - args.missing_eos_penalty * (~has_eos).float()
     return responses, mask.float(), has_eos, logprobs, ref_logprobs, entropy, scores
@@ -412,6 +445,8 @@ def main():
     if args.gradient_checkpointing:  # after the copy: the target's layers must keep their own forward
         enable_gradient_checkpointing(policy)
         enable_gradient_checkpointing(critic)
+    copied = [ref_policy] if args.ref_sync_every else []  # reset from the policy: sharded alike (tokens: a copy)
+    shard_models([policy, critic, critic_target, *copied], [ref_policy, reward_model, gold_model], args, world_size)
     params, q_params = list(policy.parameters()), list(critic.parameters())
     # Same optimizer settings as the other scripts; no weight decay, so the KL-regularised optimum stays the optimum.
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
@@ -445,6 +480,8 @@ def main():
     if args.resume:  # the run goes on from its last checkpoint exactly as if it had never stopped
         loop = logger.resume(trained, {"generator": generator, "buffer": buffer})
         episode, next_eval, order = loop["episode"], loop["next_eval"], loop["order"]
+        if world_size > 1 and args.ref_sync_every:  # the resumed reference's token vectors (sharded: a whole copy)
+            tokens.copy_(ref_policy.get_output_embeddings().weight.full_tensor())
         time_rollout, time_update, start_time = loop["time_rollout"], loop["time_update"], time.time() - loop["elapsed"]
     else:
         logger.log_eval(0, *evaluate(*eval_models))
@@ -518,6 +555,8 @@ def main():
 
         if args.ref_sync_every > 0 and update % args.ref_sync_every == 0:
             lerp_parameters(ref_policy, policy, args.ref_sync_mix)
+            if world_size > 1:  # sharded: the critics' token vectors are a whole copy of pi_ref's, refreshed
+                tokens.copy_(ref_policy.get_output_embeddings().weight.full_tensor())
 
         # EVALUATION
         if episode >= next_eval or update == num_updates:
@@ -550,11 +589,11 @@ COMMON_RANGES = {  # the allowed interval of each numeric flag; values must be f
 }
 COMMON_RANGES["[1, inf)"].append("rollout_micro_batch_size")
 RUN_FILES = {"args.json", "metrics.jsonl", "samples.jsonl", "model", "model.tmp", "INCOMPLETE"}
-RUN_FILES |= {"checkpoint.pt", "checkpoint.pt.tmp"}
+RUN_FILES |= {"checkpoint", "checkpoint.tmp", "checkpoint.old"}
 # Flags a resumed run may change: where and how it runs and logs, and its memory, not what it computes.
 RESUMABLE = {"resume", "save_every", "output_dir", "overwrite_output_dir", "exp_name", "cuda", "mixed_precision"}
 RESUMABLE |= {"track", "wandb_project_name", "wandb_entity"}
-RESUMABLE |= {"gradient_checkpointing", "rollout_micro_batch_size", "gradient_accumulation_steps"}
+RESUMABLE |= {"gradient_checkpointing", "rollout_micro_batch_size", "gradient_accumulation_steps", "shard_frozen"}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model"}
 
 
@@ -580,7 +619,10 @@ def setup_distributed(args):
         cuda = args.cuda and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")  # gloo for the CPU's tensors
+        # gloo for the CPU's tensors. A collective that waits 30 minutes (a rank died or hangs) ends the run with an
+        # error: explicit, since NCCL's default is 10 minutes, which a long evaluation or checkpoint could pass.
+        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     return rank, world_size
 
 
@@ -613,7 +655,7 @@ def check_args(args, algo_ranges, world_size):
             fail("--resume continues the run in --output-dir: pass --output-dir <the run's folder>")
         if args.overwrite_output_dir:
             fail("--resume continues a run and --overwrite-output-dir replaces it: pass one of the two")
-        if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        if latest_checkpoint(out) is None:
             fail(f"--resume: --output-dir {out} holds no checkpoint (a run writes them with --save-every)")
         if not os.path.exists(os.path.join(out, "INCOMPLETE")):
             fail(f"--resume: the run in --output-dir {out} has finished; there is nothing to resume")
@@ -627,7 +669,7 @@ def check_args(args, algo_ranges, world_size):
         foreign = sorted(set(os.listdir(out)) - RUN_FILES) if os.path.isdir(out) else ["it is a file"]
         if foreign:  # --overwrite-output-dir deletes a run's files, never anything else
             fail(f"--output-dir {out} is not a run's folder ({', '.join(foreign[:3])}); choose another folder")
-        stopped = all(os.path.exists(os.path.join(out, name)) for name in ["checkpoint.pt", "INCOMPLETE"])
+        stopped = latest_checkpoint(out) is not None and os.path.exists(os.path.join(out, "INCOMPLETE"))
         if stopped and not args.overwrite_output_dir:
             fail(f"--output-dir {out} holds a stopped run with a checkpoint: continue it with --resume, or replace it")
         if os.listdir(out) and not args.overwrite_output_dir:
@@ -873,31 +915,66 @@ def enable_gradient_checkpointing(model):
         layer.forward = forward
 
 
-def average_gradients(params, bucket_numel=2**25):
-    """Data parallel: every rank replaces its gradients by their mean over the ranks, so all take the same step (what
-    DDP does, written out: the scripts call parts of models, e.g. an RM's backbone, that a DDP wrapper would hide).
-    The gradients travel in flat buckets of up to 32M numbers, one all-reduce each: one per tensor costs a round trip
-    per tensor, which dominates on small models."""
-    if not torch.distributed.is_initialized():
+def shard_models(always, frozen, args, world_size):
+    """Sharded data parallel under torchrun, FSDP2's fully_shard: each rank keeps 1/N of every parameter, and so of
+    its gradient and AdamW state; a module's forward pass all-gathers its whole weights and frees them after
+    (https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html). `always`: the trained models and the
+    copies updated in place from them (a reference reset by --ref-sync-every, SAC's critic target: sharded alike, so
+    the update is local); `frozen`: the reference and the reward models, unless --no-shard-frozen. One process:
+    nothing is sharded."""
+    if world_size == 1:
         return
-    buckets, numel = [], bucket_numel  # the first gradient opens the first bucket
-    for grad in [p.grad for p in params if p.grad is not None]:
-        if numel + grad.numel() > bucket_numel:
-            buckets, numel = [*buckets, []], 0
-        buckets[-1].append(grad)
-        numel += grad.numel()
-    for bucket in buckets:
-        flat = torch.cat([grad.flatten() for grad in bucket])
-        torch.distributed.all_reduce(flat)
-        flat /= torch.distributed.get_world_size()
-        for grad, part in zip(bucket, flat.split([grad.numel() for grad in bucket]), strict=True):
-            grad.copy_(part.view_as(grad))
+    for model in [m for m in always + (frozen if args.shard_frozen else []) if isinstance(m, torch.nn.Module)]:
+        if isinstance(model, FSDPModule):  # (the reference, in both lists with --ref-sync-every)
+            continue
+        # Each decoder layer, then a reward model's backbone and score head, which backbone_hidden and get_scores call
+        # apart, then the root: what is left (embeddings, final norm, output layer, SAC's advantage heads).
+        for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+            fully_shard(layer, reshard_after_forward=True)
+        for rm in [m for m in model.modules() if isinstance(m, transformers.PreTrainedModel) and hasattr(m, "score")]:
+            fully_shard(getattr(rm, rm.base_model_prefix), reshard_after_forward=True)
+            fully_shard(rm.score, reshard_after_forward=True)
+        fully_shard(model, reshard_after_forward=True)  # (True for the root too: unsharded() restores it)
+        # A parameter with no gradient on some rank (a branch that depends on the data) is reduced as zeros, so every
+        # rank reduces the same tensors (else NCCL hangs and gloo aborts); DDP's find_unused_parameters.
+        model.set_reduce_scatter_unused_params(True)
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Sampling from a sharded policy: all-gather its weights once for the whole generation and reshard after. Through
+    the shards every token would all-gather every layer (3.5x slower on two CPU processes), and ranks that stop after
+    different numbers of tokens (--stop-at-eos) would wait for each other forever. unshard() is not recursive: every
+    FSDP module of the model, each told to keep its weights after its forward pass. One process: nothing to do."""
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(True, recurse=False)
+
+
+def sync_gradients(models, sync):
+    """--gradient-accumulation-steps under FSDP: only the last micro-batch's backward pass reduces the gradients over
+    the ranks (the others add to unsharded gradients, as DDP's no_sync)."""
+    for model in [m for m in models if isinstance(m, FSDPModule)]:
+        model.set_requires_gradient_sync(sync)
 
 
 def optimizer_step(optimizers, scaler, max_grad_norm):
     """One step of each (optimizer, the parameters it clips) on the gradients backward summed: averaged over the ranks,
-    their global norm clipped (fp16: unscaled first), a step (fp16: skipped if any is inf or NaN), then cleared."""
-    average_gradients([p for optimizer, _ in optimizers for group in optimizer.param_groups for p in group["params"]])
+    their global norm clipped (fp16: unscaled first), a step (fp16: skipped if any is inf or NaN), then cleared. Under
+    torchrun FSDP averaged the sharded parameters' gradients in the backward pass (DTensors); a plain parameter's (SAC's
+    log_alpha) is averaged here."""
+    if torch.distributed.is_initialized():
+        for p in [p for optimizer, _ in optimizers for group in optimizer.param_groups for p in group["params"]]:
+            if p.grad is not None and not isinstance(p.grad, DTensor):
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= torch.distributed.get_world_size()
     for optimizer, params in optimizers:
         if max_grad_norm is not None:
             scaler.unscale_(optimizer)
@@ -926,20 +1003,19 @@ def check_finite(loss, update):
 @torch.no_grad()
 def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast):
     """One response per evaluation prompt (a fixed seed, so evaluations are comparable), scored; the variety metrics.
-    Under torchrun rank 0 evaluates alone: the same numbers whatever the number of processes."""
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
-        return {}, []
+    Under torchrun every rank samples every prompt (the same draws, so the same numbers whatever the number of
+    processes) and scores its share of each batch, --rollout-micro-batch-size rows at a time; rank 0 writes them."""
     generator = torch.Generator(device=device).manual_seed(args.seed + 12345)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     batches, samples, response_ids = [], [], []
     for i in range(0, len(eval_ids), args.batch_size):
         query, query_mask = left_pad(eval_ids[i : i + args.batch_size], pad_id, device)
         responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
-            policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast
-        )
+            policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast, True
+        )  # (True: every rank scores its share of the rows)
         stats = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)
         rows, size = (query, query_mask, responses, mask.long()), args.rollout_micro_batch_size
-        gold = None if gold_model is None else chunked(size, get_scores, gold_model, *rows, autocast)
+        gold = None if gold_model is None else chunked(size, get_scores, gold_model, *rows, autocast, over_ranks=True)
         stats |= {} if gold is None else {"gold_scores": gold.mean().item()}
         batches.append((len(query), stats))
         for j in range(len(query)):
@@ -954,7 +1030,8 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
     # Variety for one prompt: 4 responses to each of the first 16 prompts (their own seed: the rest is unchanged).
     query, query_mask = left_pad([ids for ids in eval_ids[:16] for _ in range(4)], pad_id, device)
     group_generator = torch.Generator(device=device).manual_seed(args.seed + 54321)
-    raw = generate(policy, query, query_mask, args, eos_id, group_generator, autocast)
+    with unsharded(policy):  # (under torchrun: gathered once for the whole generation)
+        raw = generate(policy, query, query_mask, args, eos_id, group_generator, autocast)
     mask, responses, _ = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
     groups = [[responses[j][mask[j].bool()].tolist() for j in range(i, i + 4)] for i in range(0, len(query), 4)]
     record["eval/self_similarity"] = sum(map(pairwise_similarity, groups)) / len(groups)
@@ -986,9 +1063,32 @@ def new_folder(base):
             return path
 
 
+def latest_checkpoint(folder):
+    """The newest whole checkpoint of a run folder: checkpoint/, or checkpoint.old/ when a crash came between the two
+    renames that replace it (RunLogger.save_checkpoint); None if it has none."""
+    for name in ["checkpoint", "checkpoint.old"]:
+        if os.path.isfile(os.path.join(folder, name, "run.pt")):
+            return os.path.join(folder, name)
+    return None
+
+
+def distributed_state(trained, names=None):
+    """What torch's distributed checkpoint (DCP) keeps of `trained`, each rank its own shards: every model, and every
+    optimizer of their parameters that has state (or those `names`, on resume: reading a fresh one's creates it).
+    Returns {name: state_dict} and the models as one module, whose parameter names key the optimizers' states."""
+    models = torch.nn.ModuleList([m for m in trained.values() if isinstance(m, torch.nn.Module)])
+    ids = {id(p) for p in models.parameters()}
+    states = {name: get_model_state_dict(obj) for name, obj in trained.items() if isinstance(obj, torch.nn.Module)}
+    for name, obj in [(name, obj) for name, obj in trained.items() if isinstance(obj, torch.optim.Optimizer)]:
+        of_models = all(id(p) in ids for group in obj.param_groups for p in group["params"])  # (not SAC's alpha's)
+        if of_models and (obj.state if names is None else name in names):
+            states[name] = get_optimizer_state_dict(models, obj)
+    return states, models
+
+
 def state_of(obj):
-    """What a checkpoint keeps of a model, optimizer or scaler (its state_dict), a generator, a tensor, or SAC's replay
-    buffer (a list: its items, its write position and its draw stream)."""
+    """What a checkpoint keeps, beside DCP's part, of a scaler or optimizer (its state_dict), a generator, a tensor, or
+    SAC's replay buffer (a list: its items, its write position and its draw stream)."""
     if isinstance(obj, torch.Generator):
         return obj.get_state()
     if isinstance(obj, list):
@@ -1034,10 +1134,10 @@ class RunLogger:
 
     def __init__(self, args, run_name, rank):
         self.args, self.rank, self.episode, self.last_eval, self.wandb = args, rank, 0, "", None
-        self.checkpoint = None
-        if args.resume:  # every rank reads it (memory-mapped, so one copy is shared): see resume()
-            path = os.path.join(args.output_dir, "checkpoint.pt")
-            self.checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        self.checkpoint = self.saved = None
+        if args.resume:  # every rank reads its run.pt (rank 0 cuts the records back to it): see resume()
+            self.checkpoint = latest_checkpoint(args.output_dir)
+            self.saved = torch.load(os.path.join(self.checkpoint, "run.pt"), weights_only=True)
         if rank == 0:
             self.dir = self.open_folder(args, run_name)
             if args.track:
@@ -1055,7 +1155,7 @@ class RunLogger:
         --resume the run's own, its records cut back to the checkpoint's."""
         try:
             if args.resume:
-                for name, size in self.checkpoint["records"].items():
+                for name, size in self.saved["records"].items():
                     os.truncate(os.path.join(args.output_dir, name), size)
                 self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (for the run)
                 return args.output_dir
@@ -1120,56 +1220,96 @@ class RunLogger:
             f.writelines(json.dumps({"episode": episode, **s}) + "\n" for s in samples)
 
     def save_checkpoint(self, trained, own, loop):
-        """--save-every: <output-dir>/checkpoint.pt holds all the next update depends on: `trained` (models, optimizers,
-        scaler: the same on every rank), each rank's `own` (its sampling generator, SAC's buffer) and RNG states, the
-        loop's counters and the records' lengths. Written under a temporary name, synced, then renamed: Ctrl-C or a
-        crash leaves the previous checkpoint whole, and the records it counts are on disk."""
+        """--save-every: <output-dir>/checkpoint/ holds all the next update depends on: the models and optimizers in
+        torch's distributed checkpoint format (https://docs.pytorch.org/docs/stable/distributed.checkpoint.html: each
+        rank writes its own shards, nothing is gathered), each rank's `own` (its sampling generator, SAC's buffer) and
+        RNG states in rank<r>.pt, and in run.pt the rest of `trained` (the scaler, SAC's alpha), the loop's counters
+        and the records' lengths. Written to checkpoint.tmp/, every file synced, then renamed: Ctrl-C or a crash leaves
+        the previous checkpoint whole (latest_checkpoint finds the newest whole one), and the records it counts are
+        on disk."""
+        path = os.path.join(self.args.output_dir, "checkpoint")
+        num_ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        states, _ = distributed_state(trained)
+        run = {"trained": {name: state_of(obj) for name, obj in trained.items() if name not in states}}
+        run |= {"distributed": list(states), "loop": loop, "num_processes": num_ranks}
         own = {name: state_of(obj) for name, obj in own.items()}
         own["rng"] = [torch.get_rng_state(), random.getstate(), torch.cuda.get_rng_state() if self.args.cuda else None]
-        ranks = [own]
-        if torch.distributed.is_initialized():  # rank 0 writes every rank's own states
-            ranks = [None] * torch.distributed.get_world_size() if self.rank == 0 else None
-            torch.distributed.gather_object(own, ranks)
         if self.rank == 0:
-            records = {"metrics.jsonl": self.file.tell()}
-            records["samples.jsonl"] = os.path.getsize(os.path.join(self.dir, "samples.jsonl"))
-            for name in records:  # flushed is not on disk: a power cut could lose what the checkpoint counts
+            shutil.rmtree(path + ".tmp", ignore_errors=True)  # what a crash left half written
+            run["records"] = {"metrics.jsonl": self.file.tell()}
+            run["records"]["samples.jsonl"] = os.path.getsize(os.path.join(self.dir, "samples.jsonl"))
+            for name in run["records"]:  # flushed is not on disk: a power cut could lose what the checkpoint counts
                 sync_to_disk(os.path.join(self.dir, name))
-            state = {"trained": {name: state_of(obj) for name, obj in trained.items()}, "ranks": ranks}
-            path = os.path.join(self.dir, "checkpoint.pt")
-            try:
-                torch.save(state | {"loop": loop, "records": records}, path + ".tmp")
-                sync_to_disk(path + ".tmp")
-            except Exception as e:  # noqa: BLE001 (a full disk: one line; the previous checkpoint stays whole)
-                with contextlib.suppress(OSError):
-                    os.remove(path + ".tmp")
-                fail(f"--output-dir {self.dir}: cannot write a checkpoint ({str(e).splitlines()[0]}); kept the last")
+        if num_ranks > 1:
+            torch.distributed.barrier()
+        try:
+            dcp.save(states, checkpoint_id=path + ".tmp", no_dist=num_ranks == 1)  # (a collective; files synced)
+            for name, state in [(f"rank{self.rank}.pt", own), *([("run.pt", run)] if self.rank == 0 else [])]:
+                torch.save(state, os.path.join(path + ".tmp", name))
+                sync_to_disk(os.path.join(path + ".tmp", name))
+        except Exception as e:  # noqa: BLE001 (a full disk: one line; the previous checkpoint stays whole)
+            shutil.rmtree(path + ".tmp", ignore_errors=True)
+            out = self.args.output_dir
+            fail(f"--output-dir {out}: cannot write a checkpoint ({str(e).splitlines()[0]}); kept the last", True)
+        if num_ranks > 1:  # every rank's files are written
+            torch.distributed.barrier()
+        if self.rank == 0:
+            if os.path.isdir(path):  # a crash from here on leaves checkpoint.old/ or checkpoint/ whole
+                shutil.rmtree(path + ".old", ignore_errors=True)
+                os.replace(path, path + ".old")
             os.replace(path + ".tmp", path)
-            sync_to_disk(self.dir)  # the rename itself
+            sync_to_disk(self.dir)  # the renames themselves
+            shutil.rmtree(path + ".old", ignore_errors=True)
 
     def resume(self, trained, own):
-        """--resume: put the checkpoint's states into the run's objects (built as for a new run) and return its loop."""
-        state, self.checkpoint = self.checkpoint, None
+        """--resume: put the checkpoint's states into the run's objects (built as for a new run) and return its loop.
+        On another number of processes than wrote it, DCP reshards the models and optimizers; rank r takes rank r's
+        generators and RNG states (a rank it lacks keeps its new ones: fresh streams), and SAC's buffers are pooled
+        and dealt out again: the run goes on correctly, but not bit for bit."""
+        folder, run = self.checkpoint, self.saved
         num_ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if len(state["ranks"]) != num_ranks:
-            fail(f"--resume: {len(state['ranks'])} processes wrote the checkpoint; resume with as many (torchrun)")
-        for name, obj in trained.items():
-            load_state(obj, state["trained"][name])
-        mine = state["ranks"][self.rank]
+        states, models = distributed_state(trained, run["distributed"])
+        dcp.load(states, checkpoint_id=folder, no_dist=num_ranks == 1)  # each rank its shards, whatever N wrote them
+        for name, state in states.items():
+            if isinstance(trained[name], torch.nn.Module):
+                set_model_state_dict(trained[name], state)
+            else:
+                set_optimizer_state_dict(models, trained[name], state)
+        for name, state in run["trained"].items():
+            load_state(trained[name], state)
+        ranks = [os.path.join(folder, f"rank{r}.pt") for r in range(run["num_processes"])]
+        ranks = [torch.load(path, weights_only=True) for path in ranks]
+        mine = ranks[self.rank] if self.rank < len(ranks) else None
         for name, obj in own.items():
-            load_state(obj, mine[name])
-        torch.set_rng_state(mine["rng"][0])
-        random.setstate(mine["rng"][1])
-        if self.args.cuda and mine["rng"][2] is not None:
+            if isinstance(obj, list) and len(ranks) != num_ranks:  # SAC's buffers: pooled oldest first, dealt out
+                aged = [r[name]["items"][r[name]["next"] :] + r[name]["items"][: r[name]["next"]] for r in ranks]
+                pooled = [x for items in itertools.zip_longest(*aged) for x in items if x is not None]
+                items = pooled[self.rank :: num_ranks][-obj.capacity :]
+                rng = mine[name]["rng"] if mine else obj.rng.getstate()
+                load_state(obj, {"items": items, "next": len(items) % obj.capacity, "rng": rng})
+            elif mine is not None:
+                load_state(obj, mine[name])
+        random.setstate(ranks[0]["rng"][1])  # the prompt order: one stream, the same on every rank
+        if mine is not None:
+            torch.set_rng_state(mine["rng"][0])
+        if self.args.cuda and mine is not None and mine["rng"][2] is not None:
             torch.cuda.set_rng_state(mine["rng"][2])
-        self.episode = self.bar.n = state["loop"]["episode"]
+        self.episode = self.bar.n = run["loop"]["episode"]
         if self.rank == 0:
             self.bar.write(f"resumed at episode {self.episode} from its checkpoint in {self.dir}")
-        return state["loop"]
+            if len(ranks) != num_ranks:
+                self.bar.write(f"note: {len(ranks)} processes wrote it and {num_ranks} go on: not bit for bit")
+        return run["loop"]
 
     def finish(self, policy, tokenizer, start_time):
         """Save the final policy (with --save-model), close the records and say what the run achieved."""
         self.bar.close()
+        whole = None
+        if isinstance(policy, FSDPModule):  # sharded: gathered whole on rank 0's CPU, a tied weight once (as unsharded)
+            whole = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            kept = dict(policy.named_parameters()).keys()  # (a tied weight under its first name)
+            tied = {name for name, _ in policy.named_parameters(remove_duplicate=False)} - kept
+            whole = {name: tensor for name, tensor in whole.items() if name not in tied}
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         if self.rank > 0:
@@ -1178,7 +1318,7 @@ class RunLogger:
         if self.args.save_model:  # written beside, then renamed: a failed save never looks like a model
             path = os.path.join(self.dir, "model")
             try:
-                policy.save_pretrained(path + ".tmp")
+                policy.save_pretrained(path + ".tmp", state_dict=whole)
                 tokenizer.save_pretrained(path + ".tmp")
             except Exception as e:  # noqa: BLE001 (a full disk: one line, not a traceback; the records stay whole)
                 shutil.rmtree(path + ".tmp", ignore_errors=True)

@@ -183,9 +183,9 @@ def test_resume_on_another_precision_or_device_goes_on(stopped_run):
     result = run_script("ppo_rlhf_multigpu.py", "--output-dir", fp16, "--resume", "--mixed-precision", "fp16", cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
     shutil.copytree(root / "run", device)
-    checkpoint = torch.load(device / "checkpoint.pt", weights_only=True)
-    checkpoint["ranks"][0]["generator"] = torch.arange(16, dtype=torch.uint8)  # as a CUDA generator's state
-    torch.save(checkpoint, device / "checkpoint.pt")
+    own = torch.load(device / "checkpoint" / "rank0.pt", weights_only=True)  # rank 0's generator and RNG states
+    own["generator"] = torch.arange(16, dtype=torch.uint8)  # as a CUDA generator's state
+    torch.save(own, device / "checkpoint" / "rank0.pt")
     result = run_script("ppo_rlhf_multigpu.py", "--output-dir", device, "--resume", cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
     for run in [fp16, device]:
@@ -273,9 +273,9 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one(tmp_path, llama,
 
     save, calls = torch.save, []
 
-    def full_disk_on_the_second(obj, path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) == 2:
+    def full_disk_on_the_second(obj, path, *args, **kwargs):  # the second checkpoint's rank0.pt (after DCP's files)
+        calls.extend([path] if str(path).endswith("rank0.pt") else [])
+        if len(calls) == 2 and str(path).endswith("rank0.pt"):
             with open(path, "w") as f:
                 f.write("half a checkpoint")
             raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file")
@@ -299,5 +299,5 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one(tmp_path, llama,
         line.startswith(f"error: --output-dir {out}: cannot write a checkpoint ([enforce fail")
         and "kept the last" in line
     )
-    assert not (out / "checkpoint.pt.tmp").exists()
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["loop"]["episode"] == 16  # the first, whole
+    assert not (out / "checkpoint.tmp").exists()
+    assert torch.load(out / "checkpoint" / "run.pt", weights_only=True)["loop"]["episode"] == 16  # the first, whole

@@ -204,8 +204,8 @@ def words(prompts, responses):
 
 @pytest.mark.parametrize("fail_on_rank_1", [False, True])
 def test_under_torchrun_each_rank_scores_its_own_share(fail_on_rank_1, tmp_path):
-    """Two processes: each calls the function on its half of every rollout (rank 0 alone evaluates); a function that
-    fails on one rank only ends the run with that rank's line instead of leaving the other waiting."""
+    """Two processes: each calls the function on its half of every rollout and of every evaluation; a function
+    that fails on one rank only ends the run with that rank's line instead of leaving the other waiting."""
     from tests.test_scale import torchrun
 
     log = tmp_path / "calls.jsonl"
@@ -223,7 +223,8 @@ def test_under_torchrun_each_rank_scores_its_own_share(fail_on_rank_1, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     training = [c for c in calls if c["n"] == 8]  # each rank's half of a batch of 16 (evaluations: 4 prompts)
     assert sorted(c["rank"] for c in training) == [0, 0, 1, 1]
-    assert {(c["rank"], c["n"]) for c in calls if c not in training} == {(0, 4)}  # rank 0 evaluates alone
+    evaluations = [(c["rank"], c["n"]) for c in calls if c not in training]  # each rank scores half the prompts
+    assert sorted(evaluations) == [(0, 2)] * 3 + [(1, 2)] * 3  # at episodes 0, 16 and 32
 
 
 def test_the_worked_examples_load_and_score(tinyworld):

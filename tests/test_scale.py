@@ -19,11 +19,33 @@ from tests.helpers import NO_AUTOCAST, OFFLINE_ENV, REPO, read_jsonl, run_main, 
 SCRIPTS = ["ppo_rlhf_multigpu.py", "rloo_rlhf_multigpu.py", "sac_rlhf_multigpu.py"]
 SMALL = ["--batch-size", "32", "--eval-size", "16", "--response-length", "8"]
 # A batch that every process count here splits into whole prompts and whole minibatches (PPO: one minibatch, so one
-# process and two see the same minibatch; SAC: the buffer holds one rollout, so every minibatch is all of it).
+# process and two see the same minibatch; SAC: the buffer holds one rollout, so every minibatch is all of it). SAC's
+# factored critic reads the reference's output layer, reset at update 2 (under torchrun a whole copy of a sharded
+# layer), and its tuned alpha is a plain parameter, outside FSDP, whose gradient is averaged apart.
 SAME_STEPS = {
     "ppo_rlhf_multigpu.py": ["--num-minibatches", "1"],
     "rloo_rlhf_multigpu.py": [],
-    "sac_rlhf_multigpu.py": ["--buffer-size", "32"],
+    "grpo_rlhf_multigpu.py": ["--loss-type", "dapo"],  # its weights read the lengths of the whole batch, every rank's
+    "sac_rlhf_multigpu.py": [
+        "--buffer-size",
+        "32",
+        "--critic",
+        "factored",
+        "--ref-sync-every",
+        "2",
+        "--autotune",
+        "--alpha",
+        "0.05",
+    ],
+}
+# Flags of the two-process run only, which change no number: PPO's and RLOO's gradients accumulated over two
+# micro-batches (FSDP reduces them on the last only); RLOO's frozen models whole on each rank; SAC's no-grad passes
+# (the evaluation's split over the ranks) 3 rows at a time.
+TWO_ONLY = {
+    "ppo_rlhf_multigpu.py": ["--gradient-accumulation-steps", "2"],
+    "rloo_rlhf_multigpu.py": ["--gradient-accumulation-steps", "2", "--no-shard-frozen"],
+    "grpo_rlhf_multigpu.py": ["--gradient-accumulation-steps", "2"],
+    "sac_rlhf_multigpu.py": ["--rollout-micro-batch-size", "3"],
 }
 
 
@@ -58,18 +80,19 @@ def policy_weights(run):
     return load_file(run / "model" / "model.safetensors")
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [*SCRIPTS, "grpo_rlhf_multigpu.py"])
 def test_two_processes_take_the_same_steps_as_one(script, tmp_path, monkeypatch):
     """With the same responses (fixed sampling, tests/fixed_sampling.py), two processes that each hold half of every
-    batch average their gradients to the one-process gradient of the whole batch: the same policy after three updates
-    (float noise: sums in another order), the same common metrics, which are those of the global batch."""
-    k = "4" if script == "rloo_rlhf_multigpu.py" else "1"
+    batch and half of every model (FSDP) average their gradients to the one-process gradient of the whole batch: the
+    same policy after three updates (float noise: sums in another order), the same common metrics, which are those of
+    the global batch, and the same evaluations (every rank evaluates; the sharded policy samples gathered whole)."""
+    k = "4" if script in ["rloo_rlhf_multigpu.py", "grpo_rlhf_multigpu.py"] else "1"  # responses per prompt
     flags = [*SMALL, *SAME_STEPS[script], "--total-episodes", "96", "--eval-every", "64"]
     monkeypatch.setattr(torch, "multinomial", inverse_cdf_sampler(int(k)))  # this process: the one-process run
     code, _, stderr = run_main(script, *flags, "--output-dir", tmp_path / "one", cwd=tmp_path)
     assert code == 0, stderr[-3000:]
     sampled = [str(REPO / "tests" / "fixed_sampling.py"), k, str(REPO / script), *flags]
-    two = torchrun(2, *sampled, "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
+    two = torchrun(2, *sampled, *TWO_ONLY[script], "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_close_records(records(tmp_path / "one"), records(tmp_path / "two"), tol=1e-5)
     assert read_jsonl(tmp_path / "one" / "samples.jsonl")[-1]["response"] != ""
@@ -111,11 +134,104 @@ def test_a_two_process_run_learns_and_writes_one_run_folder(script, episodes, tm
     assert len(read_jsonl(out / "samples.jsonl")) == 2 * 16  # one evaluation set each time, not one per rank
 
 
+def test_each_process_holds_half_of_every_model_and_of_the_optimizer_state(tmp_path):
+    """Under torchrun the models are sharded (FSDP2): each of two processes holds half of every model's parameters
+    (the policy, the value model, and the frozen reference, reward and gold models) and half of the optimizer's
+    parameters and AdamW moments, the two halves making the whole (tests/record_shards.py records them at the first
+    step). --no-shard-frozen keeps whole copies of the frozen models and shards the trained ones."""
+    flags = [*SMALL, "--total-episodes", "32", "--eval-every", "32", "--num-ppo-epochs", "1", "--no-save-model"]
+    trained, frozen = ["LlamaForCausalLM", "LlamaForSequenceClassification"], ["LlamaForCausalLM"]
+    frozen += ["LlamaForSequenceClassification"] * 2  # the reward and gold models
+    for name, extra, models in [("sharded", [], trained + frozen), ("copies", ["--no-shard-frozen"], trained)]:
+        recorded = [str(REPO / "tests" / "record_shards.py"), str(tmp_path / name), str(REPO / "ppo_rlhf_multigpu.py")]
+        result = torchrun(2, *recorded, *flags, *extra, "--output-dir", tmp_path / f"{name}_run", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        ranks = [read_jsonl(tmp_path / f"{name}{rank}")[0] for rank in [0, 1]]  # the first step's
+        assert [m[0] for m in ranks[0]["models"]] == models, name
+        held = [[local for _, local, _ in r["models"]] + [r["params"][0], r["moments"][0]] for r in ranks]
+        whole = [total for _, _, total in ranks[0]["models"]] + [ranks[0]["params"][1], ranks[0]["moments"][1]]
+        assert whole[-1] == 2 * whole[-2] > 0  # AdamW's two moments of every trained parameter
+        for local_0, local_1, total in zip(*held, whole, strict=True):
+            assert local_0 + local_1 == total and abs(local_0 - total / 2) < 0.01 * total, (name, held, whole)
+
+
+BRANCH = """
+import sys, copy, torch
+sys.path.insert(0, sys.argv[1])
+import ppo_rlhf_multigpu as ppo
+
+class Routed(torch.nn.Module):  # an expert only some data reaches (a mixture of experts, a custom branch)
+    def __init__(self):
+        super().__init__()
+        self.shared, self.expert = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, routed):
+        h = self.shared(x)
+        return self.expert(h) if routed else h
+
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+torch.manual_seed(0)
+model, x = Routed(), torch.randn(3, 4)
+plain = copy.deepcopy(model)
+plain(x, True).sum().backward()  # the expert's gradient from rank 0's data, which alone reaches it
+ppo.shard_models([model], [], ppo.Args(), 2)
+optimizer = torch.optim.AdamW(model.parameters())
+model(x, rank == 0).sum().backward()
+torch.testing.assert_close(model.expert.weight.grad.full_tensor(), plain.expert.weight.grad / 2)
+ppo.optimizer_step([(optimizer, list(model.parameters()))], torch.amp.GradScaler("cpu", enabled=False), 1.0)
+print(f"stepped {rank}", flush=True)  # (one write: the ranks' lines stay whole)
+"""
+
+
+def test_a_parameter_that_gets_no_gradient_on_one_process_does_not_hang(tmp_path):
+    """A parameter only some ranks' data reaches (an expert, a data-dependent branch) has a gradient on rank 0 and none
+    on rank 1: the sharded reduction treats the missing one as zeros (same tensors on every rank, no hang or abort,
+    which a plain all-reduce of the gradients there are, or FSDP's default, would give), so the step is the mean."""
+    (tmp_path / "branch.py").write_text(BRANCH)
+    result = torchrun(2, tmp_path / "branch.py", REPO, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stepped 0" in result.stdout and "stepped 1" in result.stdout
+
+
+SPLIT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import ppo_rlhf_multigpu as ppo
+
+torch.distributed.init_process_group("gloo")
+torch.manual_seed(0)  # the same model on both ranks
+x, model = torch.arange(15.0).view(5, 3), torch.nn.Linear(3, 2)  # 5 rows over 2 ranks: 3 each, the last one padded
+calls = []
+def fn(model, x):
+    calls.append(len(x))
+    return model(x), x.sum(1)
+with torch.no_grad():
+    whole = fn(model, x)
+    calls.clear()
+    split = ppo.chunked(2, fn, model, x, over_ranks=True)
+assert calls == [2, 1], calls  # this rank's 3 rows, 2 at a time: the same calls on every rank
+for a, b in zip(split, whole, strict=True):
+    torch.testing.assert_close(a, b)
+print(f"rows in order {torch.distributed.get_rank()}", flush=True)  # (one write: the ranks' lines stay whole)
+"""
+
+
+def test_the_evaluation_splits_its_rows_over_the_processes_in_order(tmp_path):
+    """The evaluation's no-grad passes split over the ranks (chunked(..., over_ranks=True)): each rank computes an
+    equal run of the rows, --rollout-micro-batch-size at a time (the same number of forward passes on every rank, as a
+    sharded model needs), and every rank gets every row's result back in order."""
+    (tmp_path / "split.py").write_text(SPLIT)
+    result = torchrun(2, tmp_path / "split.py", REPO, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rows in order 0" in result.stdout and "rows in order 1" in result.stdout
+
+
 def interrupt_after_first_checkpoint(command, out):
     """Start a run in out's parent folder, press Ctrl-C once its first checkpoint exists, and return what it printed."""
     pipe = subprocess.PIPE
     proc = subprocess.Popen(command, cwd=out.parent, env=ENV, stdout=pipe, stderr=pipe, text=True)
-    while not (out / "checkpoint.pt").exists():
+    while not (out / "checkpoint").exists():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -155,9 +271,10 @@ def test_an_interrupted_run_resumed_writes_the_same_records_and_policy(script, t
 
 
 def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
-    """Under torchrun the checkpoint holds every rank's sampling generator, SAC buffer and its draw stream: an
-    interrupted two-process run resumed with two processes writes the same records as one never stopped; with one
-    process it is refused. Minibatches (48) larger than a rollout (32): learning starts once the buffer holds one,
+    """Under torchrun the checkpoint holds every rank's shards of the models and optimizers, sampling generator, SAC
+    buffer and its draw stream: an interrupted two-process run resumed with two processes writes the same records as
+    one never stopped; one process goes on from it to the end, the two buffers pooled into its one (it holds both
+    ranks' responses at once). Minibatches (48) larger than a rollout (32): learning starts once the buffer holds one,
     counted over both ranks (each samples its share, 24, from its own 32). Each rank draws its minibatches on its own
     stream: the same positions on both would make a minibatch pairs of responses from the same updates."""
     flags = [*SMALL, "--total-episodes", "256", "--eval-every", "128", "--save-every", "64", "--buffer-size", "64"]
@@ -175,14 +292,37 @@ def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
     interrupt_after_first_checkpoint(
         torchrun_command(2, REPO / "sac_rlhf_multigpu.py", *flags, "--output-dir", stopped), stopped
     )
-    alone = run_script("sac_rlhf_multigpu.py", *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
-    assert alone.returncode != 0 and "2 processes wrote the checkpoint" in alone.stderr
-    assert "Traceback" not in alone.stderr
+    shutil.copytree(stopped, tmp_path / "alone")
+    alone = run_script("sac_rlhf_multigpu.py", *flags, "--output-dir", tmp_path / "alone", "--resume", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "2 processes wrote it and 1 go on: not bit for bit" in alone.stdout + alone.stderr
+    resumed_train = [r for r in read_jsonl(tmp_path / "alone" / "metrics.jsonl") if "update" in r]
+    assert [r["episode"] for r in resumed_train] == list(range(32, 257, 32))
+    assert all(r["sac/buffer_size"] == 64 for r in resumed_train[2:])  # the pooled buffer, full from the first
     resumed = torchrun(2, str(REPO / "sac_rlhf_multigpu.py"), *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert records(stopped, ("episode", "objective/", "eval/", "loss/", "sac/")) == records(
         full, ("episode", "objective/", "eval/", "loss/", "sac/")
     )
+
+
+def test_a_two_process_checkpoint_resumed_by_one_process_goes_on_with_its_trained_state(tmp_path, monkeypatch):
+    """A checkpoint written by two processes (each rank its own shards, torch.distributed.checkpoint) resumed by one:
+    the models and the optimizer are resharded into the one process. With the same responses (fixed sampling), the
+    resumed one-process run writes the records and the final policy of the two-process run never stopped, up to float
+    rounding: it went on from the trained state the two processes saved, not from a fresh one."""
+    flags = [*SMALL, "--total-episodes", "128", "--eval-every", "64", "--save-every", "32"]
+    sampled = [str(REPO / "tests" / "fixed_sampling.py"), "4", str(REPO / "rloo_rlhf_multigpu.py"), *flags]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert torchrun(2, *sampled, "--output-dir", full, cwd=tmp_path).returncode == 0
+    interrupt_after_first_checkpoint(torchrun_command(2, *sampled, "--output-dir", stopped), stopped)
+    assert len(read_jsonl(stopped / "metrics.jsonl")) < len(read_jsonl(full / "metrics.jsonl"))
+    monkeypatch.setattr(torch, "multinomial", inverse_cdf_sampler(4))
+    code, _, stderr = run_main("rloo_rlhf_multigpu.py", *flags, "--output-dir", stopped, "--resume", cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert_close_records(records(stopped), records(full), tol=1e-5)
+    for name, weight in policy_weights(full).items():
+        torch.testing.assert_close(policy_weights(stopped)[name], weight, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -276,8 +416,9 @@ def test_a_finished_run_is_not_resumed_and_batches_must_split_over_the_processes
 
 def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
     """A crash (a power cut, not only Ctrl-C) must leave a whole checkpoint whose records exist: the records it counts
-    (metrics.jsonl, samples.jsonl) and the new checkpoint's file are synced before the rename, and the folder after
-    it (os.replace alone can leave an empty or old file behind a power cut)."""
+    (metrics.jsonl, samples.jsonl) and every file of the new checkpoint are synced before the renames that replace the
+    last one (checkpoint/ to checkpoint.old/, checkpoint.tmp/ to checkpoint/), and the run folder after them
+    (os.replace alone can leave an empty or old file behind a power cut)."""
     events = []
     fsync, replace = os.fsync, os.replace
 
@@ -291,9 +432,12 @@ def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monke
     flags = [*SMALL, "--total-episodes", "96", "--eval-every", "64", "--save-every", "32", "--no-save-model"]
     code, _, stderr = run_main("rloo_rlhf_multigpu.py", *flags, "--output-dir", out, cwd=tmp_path)
     assert code == 0, stderr[-3000:]
-    saves = [i for i, event in enumerate(events) if event == ("replace", "checkpoint.pt")]
+    saves = [i for i, event in enumerate(events) if event == ("replace", "checkpoint")]
     assert len(saves) == 2  # after updates 1 and 2 (not after the last)
     for i in saves:
-        before = events[max(j for j in [-1, *saves] if j < i) + 1 : i]
-        assert {("fsync", "metrics.jsonl"), ("fsync", "samples.jsonl"), ("fsync", "checkpoint.pt.tmp")} <= set(before)
-        assert events[i + 1] == ("fsync", "run")  # the folder, so the rename itself is durable
+        before = set(events[max(j for j in [-1, *saves] if j < i) + 1 : i])
+        assert {("fsync", "metrics.jsonl"), ("fsync", "samples.jsonl"), ("fsync", "run.pt")} <= before
+        assert {("fsync", "rank0.pt"), ("fsync", "__0_0.distcp")} <= before  # each rank's file and shards
+        assert events[i + 1] == ("fsync", "run")  # the folder, so the renames themselves are durable
+    assert ("replace", "checkpoint.old") in events[saves[0] : saves[1]]  # the second save kept the first till then
+    assert sorted(os.listdir(out / "checkpoint")) == [".metadata", "__0_0.distcp", "rank0.pt", "run.pt"]

@@ -49,7 +49,8 @@ COMMON_HELPERS = [
 # Names that are scale code: none may appear in a plain file's code (comments and docstrings may name the twin's).
 SCALE_NAMES = {
     "distributed", "rank", "world_size", "local_batch_size", "micro_batch_size", "chunked", "all_gather",
-    "mean_over_ranks", "average_gradients", "setup_distributed", "parse_args", "save_every", "resume", "checkpoint",
+    "mean_over_ranks", "shard_models", "unsharded", "sync_gradients", "FSDPModule", "DTensor", "setup_distributed",
+    "parse_args", "save_every", "resume", "checkpoint",
     "save_checkpoint", "state_of", "load_state", "trained", "gradient_checkpointing", "enable_gradient_checkpointing",
     "GradientCheckpointingLayer", "rollout_micro_batch_size", "gradient_accumulation_steps", "RESUMABLE", "every_rank",
 }  # fmt: skip
@@ -57,7 +58,7 @@ SCALE_FLAGS = ["--save-every 16", "--resume", "--gradient-checkpointing", "--rol
 # Every change a twin makes to its plain file names what it is for: a rank, a process, a checkpoint, a memory flag.
 SCALE_WORDS = re.compile(
     r"rank|world_size|torchrun|process|distributed|gather|chunked|micro|checkpoint|resume|save_every|RESUMABLE|trained"
-    r"|\bloop\b|accumulat|current_device|memory|twin|local_",
+    r"|\bloop\b|accumulat|current_device|memory|twin|local_|shard|fsdp|dtensor",
     re.IGNORECASE,
 )
 # Lines of the loop every script of a tier shares (each anchor is found in a line that all three mains hold as is).
@@ -165,7 +166,8 @@ def test_a_twin_adds_scale_code_and_nothing_else(algo):
     twin_only = set(definitions(f"{algo}_rlhf_multigpu.py")) - set(definitions(f"{algo}_rlhf.py"))
     assert twin_only == {
         "chunked", "all_gather", "mean_over_ranks", "parse_args", "setup_distributed", "enable_gradient_checkpointing",
-        "average_gradients", "state_of", "load_state", "sync_to_disk",
+        "shard_models", "unsharded", "sync_gradients", "latest_checkpoint", "distributed_state", "state_of",
+        "load_state", "sync_to_disk",
     }  # fmt: skip
     twin_main, plain_main = definitions(f"{algo}_rlhf_multigpu.py")["main"], definitions(f"{algo}_rlhf.py")["main"]
     for scale in ["setup_distributed(args)", "[rank::world_size]", "if args.resume:", "logger.save_checkpoint("]:
