@@ -7,7 +7,7 @@ bytes). PPO's value model is a trained copy of the reward model; SAC's critic is
 2 x hidden x vocabulary parameters (--critic heads), and its target critic an fp32 copy. Replicated (every process
 holds everything) the per-GPU figure does not change with N; sharded (FSDP2, the _multigpu twins under torchrun) every
 model's state is divided by N, and while the policy samples its weights are gathered whole on each GPU (4 bytes per
-parameter in fp32, on top of the sharded state).
+parameter in fp32: FSDP gathers into a whole buffer beside the rank's shard).
 
 Usage: python benchmarks/memory_estimate.py   (prints the markdown table docs/scale.md quotes)
 """
@@ -39,7 +39,7 @@ def main():
         for script in scripts:
             total = state_bytes(script, params, hidden, vocab)
             sharded = total / 8
-            sampling = sharded + 4 * params * (1 - 1 / 8)  # the rest of the policy's fp32 weights, gathered
+            sampling = sharded + 4 * params  # the policy's fp32 weights gathered whole, in a buffer beside its shard
             print(f"| {shape} | `{script}` | {total / GB:.1f} | {sharded / GB:.1f} | {sampling / GB:.1f} |")
 
 
