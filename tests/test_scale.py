@@ -295,7 +295,7 @@ def test_a_two_process_run_resumes_each_ranks_own_state(tmp_path):
     shutil.copytree(stopped, tmp_path / "alone")
     alone = run_script("sac_rlhf_multigpu.py", *flags, "--output-dir", tmp_path / "alone", "--resume", cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr[-3000:]
-    assert "2 processes wrote it and 1 go on: not bit for bit" in alone.stdout + alone.stderr
+    assert "written by 2 process(es), resumed on 1: not bit for bit" in alone.stdout + alone.stderr
     resumed_train = [r for r in read_jsonl(tmp_path / "alone" / "metrics.jsonl") if "update" in r]
     assert [r["episode"] for r in resumed_train] == list(range(32, 257, 32))
     assert all(r["sac/buffer_size"] == 64 for r in resumed_train[2:])  # the pooled buffer, full from the first
