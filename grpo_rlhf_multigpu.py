@@ -1236,7 +1236,7 @@ class RunLogger:
         if self.rank == 0:
             self.bar.write(f"resumed at episode {self.episode} from its checkpoint in {self.dir}")
             if len(ranks) != num_ranks:
-                self.bar.write(f"note: {len(ranks)} processes wrote it and {num_ranks} go on: not bit for bit")
+                self.bar.write(f"note: written by {len(ranks)} process(es), resumed on {num_ranks}: not bit for bit")
         return run["loop"]
 
     def finish(self, policy, tokenizer, start_time):
