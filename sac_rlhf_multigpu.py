@@ -833,10 +833,11 @@ def load_critic_base(args, device):
     function (no network to copy), the policy's backbone with a new scalar head."""
     if is_reward_function(args.reward_model_name):
         print("note: the reward is a function, so the value model (or critic) is the policy with a new scalar head")
+        verbosity = transformers.utils.logging.get_verbosity()
         transformers.utils.logging.set_verbosity_error()  # (transformers would list the new head's weights as missing)
         kwargs = {"dtype": torch.float32, "num_labels": 1}
         model = load_pretrained(AutoModelForSequenceClassification, args.model_name, "--model-name", **kwargs)
-        transformers.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity(verbosity)  # the user's level back, not a fixed one
         return model.to(device)
     return load_reward_model(args.reward_model_name, "--reward-model-name", torch.float32, device)
 
