@@ -1,6 +1,7 @@
 """Chat prompts (formatted by the tokenizer's chat template) and reward functions (`file.py:function`), in every script
 through the shared core: what they are given, what they must return, and every mistake ending in one line."""
 
+import importlib.util
 import json
 import math
 import random
@@ -92,6 +93,7 @@ def test_chat_messages_without_a_template_end_in_one_line(tinyworld, tmp_path):
 
 
 RECORDING_REWARD = """
+import importlib.util
 import json
 
 def words(prompts, responses, ended):
@@ -236,3 +238,33 @@ def test_the_worked_examples_load_and_score(tinyworld):
             str(REPO / "examples" / f"reward_functions.py:{name}"), "--reward-model-name", tokenizer
         )
         assert function(query, query_mask, responses, torch.ones_like(responses)).tolist() == want
+
+
+def test_true_reward_benchmark_judges_every_evaluation_by_the_builders_scorer(tmp_path, capsys):
+    """benchmarks/true_reward.py: each run's evaluation samples scored by build.gold_score, `ended` read from the word
+    count (fewer words than --response-length: an EOS ended it), checked against a true-reward run's own scores."""
+    spec = importlib.util.spec_from_file_location("true_reward", REPO / "benchmarks" / "true_reward.py")
+    true_reward = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(true_reward)
+    from tinyworld.build import gold_score
+
+    short, cut = "i loved it .", " ".join(["great ."] * 12)  # 4 words (ended) and 24 words (cut at the length)
+    for name, reward in [("truth__1", "tinyworld/gold.py:score"), ("proxy__1", "tinyworld/reward_model")]:
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "args.json").write_text(
+            json.dumps({"reward_model_name": reward, "response_length": 24, "missing_eos_penalty": 1.0})
+        )
+        truth = {r: gold_score(f"the film {r}", ended=r == short) - (r != short) for r in (short, cut)}
+        samples = [
+            {"episode": e, "prompt": "the film", "response": r, "score": truth[r]} for e in (0, 8) for r in truth
+        ]
+        (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        metrics = [{"episode": e, "eval/kl": e / 2, "eval/gold_scores": 0.5} for e in (0, 8)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    true_reward.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    expected = (gold_score("the film i loved it .") + gold_score(f"the film {cut}", ended=False)) / 2
+    assert f"| truth | {expected:.2f} ± 0.00 | 0.50 ± 0.00 | 4.00 ± 0.00 |" in out
+    assert f"| proxy | {expected:.2f} ± 0.00 |" in out
+    assert "0 of 4 samples of the true-reward runs disagree" in out
