@@ -16,6 +16,8 @@ Options:
     --max-per-line K        at most K mutants per line, spread over the operators (default 2)
     --limit N               at most N mutants in all, spread evenly over the scripts and over each script
     --only-lines REGEX      only lines whose text matches REGEX (re.search)
+    --scale-only            in a `_multigpu` twin, only its scale lines: those its plain file does not hold (what
+                            `diff X_rlhf.py X_rlhf_multigpu.py` marks as added or changed)
     --operators OP [OP ...] only these operators (names as in --list), e.g. `--operators rate drop-scale swap swap-args`
     --seed S                seed of the per-line choice of mutants (default 0)
     --jobs J                mutants tested in parallel, each worker in its own copy (default 1)
@@ -73,6 +75,7 @@ import argparse
 import ast
 import concurrent.futures
 import contextlib
+import difflib
 import io
 import json
 import keyword
@@ -619,8 +622,16 @@ def compiles(lines, number, mutated_line, script):
     return True
 
 
-def script_mutants(script, source, functions, max_per_line, seed, only_lines=None, operators=None):
-    """(mutants, number of target lines) of one script's source text; `operators`: only these (default: all)."""
+def scale_line_numbers(twin_source, plain_source):
+    """The 1-based numbers of the twin's lines that its plain file does not hold (added or changed in the diff)."""
+    twin, plain = twin_source.splitlines(), plain_source.splitlines()
+    matcher = difflib.SequenceMatcher(None, plain, twin, autojunk=False)
+    return {j + 1 for tag, _, _, j1, j2 in matcher.get_opcodes() if tag != "equal" for j in range(j1, j2)}
+
+
+def script_mutants(script, source, functions, max_per_line, seed, only_lines=None, operators=None, numbers=None):
+    """(mutants, number of target lines) of one script's source text; `operators`: only these (default: all);
+    `numbers`: only these line numbers (default: all)."""
     tree = ast.parse(source)
     lines = source.splitlines()
     tokens = code_tokens(source)
@@ -632,6 +643,8 @@ def script_mutants(script, source, functions, max_per_line, seed, only_lines=Non
         for number in range(first, last + 1):
             line = lines[number - 1]
             if number in skipped or number not in tokens or (only_lines and not re.search(only_lines, line)):
+                continue
+            if numbers is not None and number not in numbers:
                 continue
             targets += 1
             candidates = line_candidates(
@@ -1001,6 +1014,7 @@ def parse_args(argv):
     parser.add_argument("--max-per-line", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--only-lines", default=None, metavar="REGEX")
+    parser.add_argument("--scale-only", action="store_true")
     parser.add_argument("--operators", nargs="+", default=None, choices=OPERATORS, metavar="OP")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1)
@@ -1010,6 +1024,8 @@ def parse_args(argv):
     options = parser.parse_args(argv)
     if options.jobs < 1 or options.max_per_line < 1 or (options.limit is not None and options.limit < 1):
         parser.error("--jobs, --max-per-line and --limit must be at least 1")
+    if options.scale_only and not all(s.endswith("_multigpu.py") for s in options.scripts):
+        parser.error("--scale-only mutates the twins' scale lines: pass --scripts X_rlhf_multigpu.py ...")
     if pytest_args is not None and not pytest_args:
         parser.error("nothing after `--`: give the pytest arguments to use, or leave out `--`")
     return options, pytest_args
@@ -1020,6 +1036,9 @@ def collect_mutants(repo, options):
     per_script, targets = {}, {}
     for script in options.scripts:
         source = (repo / script).read_text()
+        numbers = None
+        if options.scale_only:
+            numbers = scale_line_numbers(source, (repo / script.replace("_multigpu", "")).read_text())
         per_script[script], targets[script] = script_mutants(
             script,
             source,
@@ -1028,6 +1047,7 @@ def collect_mutants(repo, options):
             options.seed,
             options.only_lines,
             None if options.operators is None else set(options.operators),
+            numbers,
         )
     return apply_limit(per_script, options.limit), targets
 

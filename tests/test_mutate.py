@@ -71,3 +71,22 @@ def test_the_operators_compile_and_list_counts_every_operator(capsys):
     mutate.list_mutants({"x_rlhf.py": per_operator}, {"x_rlhf.py": targets})
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("operators: ") and all(f" {op} " in last for op in mutate.AST_OPERATORS)
+
+
+def test_scale_only_mutates_the_lines_a_twin_adds_or_changes_and_nothing_else():
+    plain = SOURCE
+    twin = SOURCE.replace("    kl = kl_penalty(", "    kl = all_reduce(logprobs)\n    kl = kl_penalty(").replace(
+        "discounted = gamma**2 * loss", "discounted = gamma**2 * loss / world_size"
+    )
+    numbers = mutate.scale_line_numbers(twin, plain)
+    assert sorted(twin.splitlines()[n - 1].strip() for n in numbers) == [
+        "discounted = gamma**2 * loss / world_size",
+        "kl = all_reduce(logprobs)",
+    ]
+    mutants, targets = mutate.script_mutants("x_rlhf_multigpu.py", twin, set(), 100, 0, numbers=numbers)
+    assert targets == 2 and mutants and {m.line for m in mutants} == numbers
+    options, _ = mutate.parse_args(["--scale-only", "--scripts", "rloo_rlhf_multigpu.py", "--list"])
+    per_script, _ = mutate.collect_mutants(mutate.REPO, options)
+    plain_lines = set((mutate.REPO / "rloo_rlhf.py").read_text().splitlines())
+    assert per_script["rloo_rlhf_multigpu.py"]  # e.g. the loop's all_gather and sync_gradients lines
+    assert all(m.original not in plain_lines for m in per_script["rloo_rlhf_multigpu.py"])
