@@ -5,7 +5,9 @@ usage: [torchrun --nproc-per-node N] python tests/record_shards.py PREFIX <scrip
 
 At each optimizer's first step each rank appends one JSON line to PREFIX<rank>: for every whole model fully_shard was
 applied to, its class and the numbers of parameter elements this rank holds and in all; for the optimizer, the same
-for its parameters and for its AdamW moments. Nothing else changes.
+for its parameters and for its AdamW moments. Before the first backward pass (after the rollout's sampling and no-grad
+passes and the update's forward pass) it appends the models' line alone: nothing may stay gathered between passes.
+Nothing else changes.
 """
 
 import json
@@ -38,14 +40,27 @@ if __name__ == "__main__":
         if id(optimizer) in stepped:
             return
         stepped.add(id(optimizer))
-        inner = {id(m) for _, model in sharded for m in list(model.modules())[1:]}
-        models = [[name, *held(m.parameters())] for name, m in sharded if id(m) not in inner]
+        models = models_held()
         params = held(p for group in optimizer.param_groups for p in group["params"])
         moments = held(s[k] for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq") if k in s)
         with open(f"{prefix}{os.environ.get('RANK', '0')}", "a") as f:
             f.write(json.dumps({"models": models, "params": params, "moments": moments}) + "\n")
 
+    def models_held():
+        inner = {id(m) for _, model in sharded for m in list(model.modules())[1:]}
+        return [[name, *held(m.parameters())] for name, m in sharded if id(m) not in inner]
+
+    backward = torch.Tensor.backward
+
+    def recording_backward(tensor, *args, **kwargs):
+        if "backward" not in stepped:
+            stepped.add("backward")
+            with open(f"{prefix}{os.environ.get('RANK', '0')}", "a") as f:
+                f.write(json.dumps({"before_backward": models_held()}) + "\n")
+        return backward(tensor, *args, **kwargs)
+
     torch.distributed.fsdp.fully_shard = recording_fully_shard  # before the script imports it
+    torch.Tensor.backward = recording_backward
     register_optimizer_step_post_hook(record)
     sys.argv = sys.argv[2:]
     runpy.run_path(sys.argv[0], run_name="__main__")

@@ -2,6 +2,8 @@
 from checkpoints, gradient checkpointing and chunked no-grad forward passes. Every run here is a real run of a script;
 two processes run with one thread each."""
 
+import datetime
+import importlib
 import os
 import shutil
 import signal
@@ -138,7 +140,9 @@ def test_each_process_holds_half_of_every_model_and_of_the_optimizer_state(tmp_p
     """Under torchrun the models are sharded (FSDP2): each of two processes holds half of every model's parameters
     (the policy, the value model, and the frozen reference, reward and gold models) and half of the optimizer's
     parameters and AdamW moments, the two halves making the whole (tests/record_shards.py records them at the first
-    step). --no-shard-frozen keeps whole copies of the frozen models and shards the trained ones."""
+    step), and nothing stays gathered after a forward pass (after sampling, the rollout's no-grad passes and the
+    update's forward pass, before its backward pass, each rank holds the same half). --no-shard-frozen keeps whole
+    copies of the frozen models and shards the trained ones."""
     flags = [*SMALL, "--total-episodes", "32", "--eval-every", "32", "--num-ppo-epochs", "1", "--no-save-model"]
     trained, frozen = ["LlamaForCausalLM", "LlamaForSequenceClassification"], ["LlamaForCausalLM"]
     frozen += ["LlamaForSequenceClassification"] * 2  # the reward and gold models
@@ -146,7 +150,9 @@ def test_each_process_holds_half_of_every_model_and_of_the_optimizer_state(tmp_p
         recorded = [str(REPO / "tests" / "record_shards.py"), str(tmp_path / name), str(REPO / "ppo_rlhf_multigpu.py")]
         result = torchrun(2, *recorded, *flags, *extra, "--output-dir", tmp_path / f"{name}_run", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-        ranks = [read_jsonl(tmp_path / f"{name}{rank}")[0] for rank in [0, 1]]  # the first step's
+        lines = [read_jsonl(tmp_path / f"{name}{rank}") for rank in [0, 1]]
+        before, ranks = [x[0]["before_backward"] for x in lines], [x[1] for x in lines]  # then the first step's
+        assert before == [r["models"] for r in ranks], name  # every model resharded after its forward passes
         assert [m[0] for m in ranks[0]["models"]] == models, name
         held = [[local for _, local, _ in r["models"]] + [r["params"][0], r["moments"][0]] for r in ranks]
         whole = [total for _, _, total in ranks[0]["models"]] + [ranks[0]["params"][1], ranks[0]["moments"][1]]
@@ -195,32 +201,43 @@ def test_a_parameter_that_gets_no_gradient_on_one_process_does_not_hang(tmp_path
 
 
 SPLIT = """
-import sys, torch
+import importlib, sys, torch
 sys.path.insert(0, sys.argv[1])
-import ppo_rlhf_multigpu as ppo
 
 torch.distributed.init_process_group("gloo")
-torch.manual_seed(0)  # the same model on both ranks
-x, model = torch.arange(15.0).view(5, 3), torch.nn.Linear(3, 2)  # 5 rows over 2 ranks: 3 each, the last one padded
-calls = []
-def fn(model, x):
-    calls.append(len(x))
-    return model(x), x.sum(1)
-with torch.no_grad():
-    whole = fn(model, x)
-    calls.clear()
-    split = ppo.chunked(2, fn, model, x, over_ranks=True)
-assert calls == [2, 1], calls  # this rank's 3 rows, 2 at a time: the same calls on every rank
-for a, b in zip(split, whole, strict=True):
-    torch.testing.assert_close(a, b)
-print(f"rows in order {torch.distributed.get_rank()}", flush=True)  # (one write: the ranks' lines stay whole)
+rank = torch.distributed.get_rank()
+for name in ["ppo_rlhf_multigpu", "rloo_rlhf_multigpu", "grpo_rlhf_multigpu", "sac_rlhf_multigpu"]:
+    twin = importlib.import_module(name)  # each twin's own copy of the shared helpers
+    torch.manual_seed(0)  # the same model on both ranks
+    x, model = torch.arange(15.0).view(5, 3), torch.nn.Linear(3, 2)  # 5 rows over 2 ranks: 3 each, the last padded
+    calls = []
+    def fn(model, x):
+        calls.append(len(x))
+        return model(x), x.sum(1)
+    with torch.no_grad():
+        whole = fn(model, x)
+        calls.clear()
+        split = twin.chunked(2, fn, model, x, over_ranks=True)
+    assert calls == [2, 1], (name, calls)  # this rank's 3 rows, 2 at a time: the same calls on every rank
+    for a, b in zip(split, whole, strict=True):
+        torch.testing.assert_close(a, b)
+    # The global batch's statistics: rank 0 holds [1, 2] (one token masked out), rank 1 holds [3, 4, 5].
+    mine = torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([3.0, 4.0, 5.0])
+    mask = torch.tensor([1.0, 0.0]) if rank == 0 else torch.ones(3)
+    local = mine.sum()
+    assert twin.mean_over_ranks(local).item() == 7.5 and local.item() == (3.0 if rank == 0 else 12.0), name
+    assert twin.whole_batch_mean(mine, mask).item() == 3.25, name  # (1 + 3 + 4 + 5) / 4 real tokens
+    assert twin.all_gather(mine[:2] + 10 * rank).tolist() == [1.0, 2.0, 13.0, 14.0], name  # in rank order
+print(f"rows in order {rank}", flush=True)  # (one write: the ranks' lines stay whole)
 """
 
 
 def test_the_evaluation_splits_its_rows_over_the_processes_in_order(tmp_path):
     """The evaluation's no-grad passes split over the ranks (chunked(..., over_ranks=True)): each rank computes an
     equal run of the rows, --rollout-micro-batch-size at a time (the same number of forward passes on every rank, as a
-    sharded model needs), and every rank gets every row's result back in order."""
+    sharded model needs), and every rank gets every row's result back in order. And the global batch's statistics:
+    mean_over_ranks (its input left as it was), whole_batch_mean over every rank's real tokens, all_gather in rank
+    order; each twin's own copy of them."""
     (tmp_path / "split.py").write_text(SPLIT)
     result = torchrun(2, tmp_path / "split.py", REPO, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -441,3 +458,19 @@ def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monke
         assert events[i + 1] == ("fsync", "run")  # the folder, so the renames themselves are durable
     assert ("replace", "checkpoint.old") in events[saves[0] : saves[1]]  # the second save kept the first till then
     assert sorted(os.listdir(out / "checkpoint")) == [".metadata", "__0_0.distcp", "rank0.pt", "run.pt"]
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, "grpo_rlhf_multigpu.py"])
+def test_the_process_group_waits_30_minutes_on_gloo_for_cpu_tensors(script, monkeypatch):
+    """setup_distributed under torchrun: gloo on the CPU (and for a GPU run's CPU tensors), with an explicit 30-minute
+    timeout for a collective (NCCL's default is 10, which a long evaluation or checkpoint could pass)."""
+    twin = importlib.import_module(script.removesuffix(".py"))
+    calls = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert twin.setup_distributed(twin.Args(cuda=False)) == (1, 2)
+    assert calls == [(("gloo",), {"timeout": datetime.timedelta(minutes=30)})]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a plain `python` run: process 0 of 1, nothing set up
+    monkeypatch.setenv("RANK", "0")
+    assert twin.setup_distributed(twin.Args(cuda=False)) == (0, 1) and len(calls) == 1
