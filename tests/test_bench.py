@@ -34,3 +34,27 @@ def test_forward_and_backward_flops_match_torchs_flop_counter(name, auto_class):
     assert 3 * modelled == pytest.approx(counter.get_total_flops(), rel=0.06)
     # sampling with a KV cache computes about half the attention pairs of a full forward, and the same matmuls
     assert bench.forward_flops(bench.model_shape(path, auto_class), 4, 30, kv_cache=True) < modelled
+
+
+def test_the_profile_splits_the_loop_by_model_and_counts_each_models_forward_passes():
+    """benchmarks/profile_update.py on RLOO (fixed-length 4-token responses, 2 updates): 4 sampling passes, one
+    log-prob pass in the rollout and one in the update per update, one reference and one reward pass; setup and the
+    evaluations apart, every part of the loop timed, and the script's own functions put back afterwards."""
+    sys.path.insert(0, str(REPO))
+    spec = importlib.util.spec_from_file_location("profile_update", REPO / "benchmarks" / "profile_update.py")
+    profiler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profiler)
+    rloo = importlib.import_module("rloo_rlhf")
+    generate, evaluate = rloo.generate, rloo.evaluate
+    args = profiler.Args(total_episodes=32, batch_size=16, extra="--response-length 4 --no-stop-at-eos")
+    times, counts, updates = profiler.profile_script("rloo_rlhf.py", args, [])
+    assert updates == 2
+    assert counts["policy forward passes"] == 2 * (4 + 1 + 1)
+    assert counts["reference forward passes"] == counts["reward model forward passes"] == 2
+    assert "gold model forward passes" not in counts  # the gold model reads only the evaluations
+    parts = {"sampling: policy forward", "sampling: the rest", "no grad: policy forward", "no grad: reference forward"}
+    parts |= {"no grad: reward model forward", "with grad: policy forward", "backward", "optimizer step"}
+    assert parts | {"the loop's own code", "setup", "evaluation"} == set(times)
+    assert all(seconds > 0 for seconds in times.values())
+    assert rloo.generate is generate and rloo.evaluate is evaluate
+    assert torch.nn.Module.__call__ is torch.nn.Module._wrapped_call_impl
