@@ -447,8 +447,10 @@ def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monke
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.path.basename(b))) or replace(a, b))
     out = tmp_path / "run"
     flags = [*SMALL, "--total-episodes", "96", "--eval-every", "64", "--save-every", "32", "--no-save-model"]
+    open_files = len(os.listdir("/proc/self/fd"))
     code, _, stderr = run_main("rloo_rlhf_multigpu.py", *flags, "--output-dir", out, cwd=tmp_path)
     assert code == 0, stderr[-3000:]
+    assert len(os.listdir("/proc/self/fd")) == open_files  # every file and folder it synced is closed again
     saves = [i for i, event in enumerate(events) if event == ("replace", "checkpoint")]
     assert len(saves) == 2  # after updates 1 and 2 (not after the last)
     for i in saves:
