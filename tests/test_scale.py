@@ -5,6 +5,7 @@ two processes run with one thread each."""
 import datetime
 import importlib
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -476,3 +477,43 @@ def test_the_process_group_waits_30_minutes_on_gloo_for_cpu_tensors(script, monk
     monkeypatch.setenv("WORLD_SIZE", "1")  # a plain `python` run: process 0 of 1, nothing set up
     monkeypatch.setenv("RANK", "0")
     assert twin.setup_distributed(twin.Args(cuda=False)) == (0, 1) and len(calls) == 1
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, "grpo_rlhf_multigpu.py"])
+def test_what_a_checkpoint_keeps_beside_dcp_comes_back_exactly(script):
+    """state_of and load_state, each twin's copy, for every kind of state a checkpoint keeps beside DCP's: a generator
+    (and one from another kind of device: a new stream seeded from it), an fp16 run's GradScaler (a bf16 or fp32 run's
+    has none: left as it is), an optimizer, a tensor, and a list with a write position and its own draw stream (SAC's
+    replay buffer)."""
+    twin = importlib.import_module(script.removesuffix(".py"))
+    generator = torch.Generator().manual_seed(3)
+    saved = twin.state_of(generator)
+    expected = torch.rand(4, generator=generator)
+    twin.load_state(generator, saved)
+    assert torch.equal(torch.rand(4, generator=generator), expected)
+    twin.load_state(generator, torch.arange(5, dtype=torch.uint8))  # another device's state: seeded from it
+    assert torch.equal(torch.rand(4, generator=generator), torch.rand(4, generator=torch.Generator().manual_seed(10)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    scaler.scale(torch.ones(()))  # (its state exists once it has scaled)
+    saved = twin.state_of(scaler)
+    fresh = torch.amp.GradScaler("cpu")
+    twin.load_state(fresh, saved)
+    assert fresh.get_scale() == 1024.0 and fresh.state_dict()["growth_interval"] == 7
+    twin.load_state(fresh, twin.state_of(torch.amp.GradScaler("cpu", enabled=False)))  # nothing to restore
+    assert fresh.get_scale() == 1024.0
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    other = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    twin.load_state(other, twin.state_of(optimizer))
+    assert torch.equal(other.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    tensor = torch.tensor([0.0, 2.0])
+    saved = twin.state_of(tensor)
+    tensor.zero_()
+    twin.load_state(tensor, saved)
+    assert tensor.tolist() == [0.0, 2.0]
+    buffer, other = type("Buffer", (list,), {})([1, 2, 3]), type("Buffer", (list,), {})()  # (a list with attributes)
+    buffer.next, buffer.rng, other.next, other.rng = 2, random.Random(5), 0, random.Random(0)
+    twin.load_state(other, twin.state_of(buffer))
+    assert other == [1, 2, 3] and other.next == 2 and other.rng.random() == buffer.rng.random()
