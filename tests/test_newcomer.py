@@ -248,9 +248,10 @@ def test_an_eval_cadence_of_part_batches_is_rounded_up_and_said(script, tmp_path
     assert json.loads((out / "args.json").read_text())["eval_every"] == 32
 
 
-def test_args_json_records_the_processes_and_the_device(tmp_path, llama):
+@pytest.mark.parametrize("script", ["rloo_rlhf.py", "rloo_rlhf_multigpu.py"])  # the twin's own count, as one process
+def test_args_json_records_the_processes_and_the_device(script, tmp_path, llama):
     out = tmp_path / "run"
-    code, _, stderr = run_main("rloo_rlhf.py", *llama.args(), *TINY, "--output-dir", str(out), "--no-save-model")
+    code, _, stderr = run_main(script, *llama.args(), *TINY, "--output-dir", str(out), "--no-save-model")
     assert code == 0, stderr[-2000:]
     args = json.loads((out / "args.json").read_text())
     assert args["num_processes"] == 1 and args["device"] == "cpu" and args["mixed_precision"] == "no"
