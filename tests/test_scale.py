@@ -188,6 +188,7 @@ model(x, rank == 0).sum().backward()
 torch.testing.assert_close(model.expert.weight.grad.full_tensor(), plain.expert.weight.grad / 2)
 ppo.optimizer_step([(optimizer, list(model.parameters()))], torch.amp.GradScaler("cpu", enabled=False), 1.0)
 print(f"stepped {rank}", flush=True)  # (one write: the ranks' lines stay whole)
+torch.distributed.destroy_process_group()  # (else gloo's threads can abort the exit)
 """
 
 
@@ -230,6 +231,7 @@ for name in ["ppo_rlhf_multigpu", "rloo_rlhf_multigpu", "grpo_rlhf_multigpu", "s
     assert twin.whole_batch_mean(mine, mask).item() == 3.25, name  # (1 + 3 + 4 + 5) / 4 real tokens
     assert twin.all_gather(mine[:2] + 10 * rank).tolist() == [1.0, 2.0, 13.0, 14.0], name  # in rank order
 print(f"rows in order {rank}", flush=True)  # (one write: the ranks' lines stay whole)
+torch.distributed.destroy_process_group()  # (else gloo's threads can abort the exit: "terminate called without ...")
 """
 
 
