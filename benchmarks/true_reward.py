@@ -18,8 +18,10 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # compare.py, beside this file
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tinyworld"))
 from build import gold_score  # noqa: E402 (the builder's own judge, as tinyworld/gold.py uses it)
+from compare import mean_spread  # noqa: E402 (the tables' mean ± half-range over seeds)
 
 
 def read_jsonl(path):
@@ -27,31 +29,24 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-CHECKED = {"samples": 0, "disagree": 0}
-
-
 def true_rewards(run_dir, response_length, missing_eos_penalty, trained_on_truth):
-    """{episode: mean true reward of that evaluation's responses} of one run; checks the reconstruction of `ended`
-    against the run's own scores when it trained on the true reward (counted in CHECKED)."""
-    per_episode = {}
+    """({episode: mean true reward of that evaluation's responses}, samples checked, disagreements) of one run: when
+    it trained on the true reward, the reconstruction of `ended` is checked against the run's own scores."""
+    per_episode, checked, disagree = {}, 0, 0
     for sample in read_jsonl(os.path.join(run_dir, "samples.jsonl")):
         ended = len(sample["response"].split()) < response_length
         value = gold_score(f"{sample['prompt']} {sample['response']}", ended=ended)
         if trained_on_truth:  # the run scored the same text itself: the two must agree
             expected = sample["score"] + (0.0 if ended or missing_eos_penalty is None else missing_eos_penalty)
-            CHECKED["samples"] += 1
-            CHECKED["disagree"] += abs(value - expected) > 1e-4
+            checked, disagree = checked + 1, disagree + (abs(value - expected) > 1e-4)
         per_episode.setdefault(sample["episode"], []).append(value)
-    return {episode: sum(v) / len(v) for episode, v in per_episode.items()}
-
-
-def mean_spread(values):
-    return f"{sum(values) / len(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
+    return {episode: sum(v) / len(v) for episode, v in per_episode.items()}, checked, disagree
 
 
 def main(folders):
     print("| run | true reward | gold RM | KL | best true reward (KL there) |")
     print("| --- | --- | --- | --- | --- |")
+    checked = disagree = 0
     for folder in folders:
         runs = {}
         for name in sorted(os.listdir(os.path.join(folder, "runs"))):
@@ -59,7 +54,8 @@ def main(folders):
             with open(os.path.join(run_dir, "args.json")) as f:
                 args = json.load(f)
             truth = args["reward_model_name"].endswith("gold.py:score")
-            rewards = true_rewards(run_dir, args["response_length"], args["missing_eos_penalty"], truth)
+            rewards, n, wrong = true_rewards(run_dir, args["response_length"], args["missing_eos_penalty"], truth)
+            checked, disagree = checked + n, disagree + wrong
             evals = {r["episode"]: r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "eval/kl" in r}
             last = max(rewards)
             best = max(rewards, key=rewards.get)
@@ -70,7 +66,7 @@ def main(folders):
             final, gold, kl, best, best_kl = zip(*seeds, strict=True)
             best_said = f"{sum(best) / len(best):.2f} ({sum(best_kl) / len(best_kl):.1f})"
             print(f"| {label} | {mean_spread(final)} | {mean_spread(gold)} | {mean_spread(kl)} | {best_said} |")
-    said = f"{CHECKED['disagree']} of {CHECKED['samples']} samples of the true-reward runs disagree with their scores"
+    said = f"{disagree} of {checked} samples of the true-reward runs disagree with their scores"
     print(f"\n`ended` reconstructed from the word count: {said}")
 
 

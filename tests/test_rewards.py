@@ -249,7 +249,8 @@ def test_true_reward_benchmark_judges_every_evaluation_by_the_builders_scorer(tm
     from tinyworld.build import gold_score
 
     short, cut = "i loved it .", " ".join(["great ."] * 12)  # 4 words (ended) and 24 words (cut at the length)
-    for name, reward in [("truth__1", "tinyworld/gold.py:score"), ("proxy__1", "tinyworld/reward_model")]:
+    runs = [("truth__1", "tinyworld/gold.py:score"), ("truth__2", "tinyworld/gold.py:score")]
+    for name, reward in [*runs, ("proxy__1", "tinyworld/reward_model"), ("proxy__2", "tinyworld/reward_model")]:
         run = tmp_path / "runs" / name
         run.mkdir(parents=True)
         (run / "args.json").write_text(
@@ -267,4 +268,4 @@ def test_true_reward_benchmark_judges_every_evaluation_by_the_builders_scorer(tm
     expected = (gold_score("the film i loved it .") + gold_score(f"the film {cut}", ended=False)) / 2
     assert f"| truth | {expected:.2f} ± 0.00 | 0.50 ± 0.00 | 4.00 ± 0.00 |" in out
     assert f"| proxy | {expected:.2f} ± 0.00 |" in out
-    assert "0 of 4 samples of the true-reward runs disagree" in out
+    assert "0 of 8 samples of the true-reward runs disagree" in out
