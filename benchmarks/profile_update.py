@@ -59,7 +59,7 @@ class Profile:
     """Exclusive wall time per label: a label's time excludes the labels entered inside it."""
 
     def __init__(self):
-        self.time, self.calls, self.stack, self.mark = defaultdict(float), Counter(), [], time.perf_counter()
+        self.time, self.stack, self.mark = defaultdict(float), [], time.perf_counter()
 
     def enter(self, label):
         now = time.perf_counter()
@@ -68,7 +68,6 @@ class Profile:
         if self.stack and self.stack[-1] in ("setup", "evaluation"):
             label = self.stack[-1]  # everything inside setup or an evaluation stays there
         self.stack.append(label)
-        self.calls[label] += 1
         self.mark = now
 
     def leave(self):
