@@ -29,6 +29,7 @@ import math
 import numbers
 import os
 import random
+import runpy
 import shutil
 import signal
 import time
@@ -491,11 +492,9 @@ def check_args(args, algo_ranges):
 
 
 def load_prompts(name, flag, size=None):
-    """Prompts (the first `size`, if given) from a .jsonl file or a hub `name[:split]`: each row holds a text `prompt`
-    or chat `messages` (a list of {"role": ..., "content": ...}, formatted by tokenize_prompts)."""
-    form = (
-        'pass a UTF-8 .jsonl file with one {"prompt": "..."} or {"messages": [{"role": ..., "content": ...}]} per line'
-    )
+    """The prompts (the first `size`) of a .jsonl file or a hub `name[:split]`: each row a text `prompt` or chat
+    `messages` (a list of {"role": ..., "content": ...}, formatted by tokenize_prompts)."""
+    form = "pass a UTF-8 .jsonl file with a text `prompt` or chat `messages` on each line"
     if not (name.endswith(".jsonl") or os.path.exists(name)):
         try:
             import datasets  # lazy: only needed for hub datasets
@@ -516,11 +515,9 @@ def load_prompts(name, flag, size=None):
             fail(f"{flag} {name}: line {lines.index(e.doc) + 1} is not valid JSON; {form}")
     for number, row in enumerate(rows, 1):
         fields = [key for key in ("prompt", "messages") if isinstance(row, dict) and key in row]
-        chat = fields == ["messages"] and isinstance(row["messages"], list) and len(row["messages"]) > 0
-        chat = chat and all(
-            isinstance(m, dict) and {type(m.get(k)) for k in ("role", "content")} == {str} for m in row["messages"]
-        )
-        if not (chat or fields == ["prompt"] and isinstance(row["prompt"], str)):
+        turns = row["messages"] if fields == ["messages"] and isinstance(row["messages"], list) else []
+        chat = [isinstance(m, dict) and {type(m.get(k)) for k in ("role", "content")} == {str} for m in turns]
+        if not (chat and all(chat) or fields == ["prompt"] and isinstance(row["prompt"], str)):
             what = "both `prompt` and `messages`" if len(fields) == 2 else "no text `prompt` or well-formed `messages`"
             fail(f"{flag} {name}: row {number} has {what} (it is {repr(row)[:60]}); {form}")
     if len(rows) == 0:
@@ -546,27 +543,24 @@ def load_pretrained(auto_class, name, flag, **kwargs):
 def tokenize_prompts(tokenizer, prompts, max_prompt_length, flag):
     """Token ids of each prompt, truncated from the left (the end of a prompt is what the response continues). Chat
     messages are formatted by the tokenizer's chat template, ending with the prompt that opens the assistant's turn."""
-    texts = []
+    ids = []
     for number, prompt in enumerate(prompts, 1):
-        if isinstance(prompt, str):
-            texts.append(prompt)
-            continue
-        try:  # the template writes the special tokens itself (a BOS included): tokenized below without adding more
-            texts.append(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False))
-        except Exception as e:  # noqa: BLE001 (no template, or one that rejects these messages: one line)
-            reason = "its tokenizer has no chat template" if tokenizer.chat_template is None else str(e).splitlines()[0]
-            fail(f"{flag}: row {number} holds chat messages --model-name cannot format ({reason}); use `prompt` text")
-    special = [isinstance(p, str) for p in prompts]  # a BOS (if the tokenizer adds one) for text prompts only
-    ids = [tokenizer(t, add_special_tokens=s, verbose=False)["input_ids"] for t, s in zip(texts, special, strict=True)]
+        text = prompt
+        if not isinstance(prompt, str):  # the template writes the special tokens (a BOS included): none added below
+            try:
+                text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # noqa: BLE001 (no template, or one that rejects these messages: one line)
+                why = "it has no chat template" if tokenizer.chat_template is None else str(e).splitlines()[0]
+                fail(f"{flag}: row {number} holds chat messages --model-name cannot format ({why}); use `prompt` text")
+        ids.append(tokenizer(text, add_special_tokens=text is prompt, verbose=False)["input_ids"])
     if any(len(x) == 0 for x in ids):  # e.g. "" with a tokenizer that adds no BOS: there is nothing to condition on
         fail(f"{flag}: some prompts are empty after tokenization; remove them or use a tokenizer that adds BOS")
-    too_long = sum(len(x) > max_prompt_length for x in ids)
+    too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
     if too_long:
-        print(f"note: {too_long} of {len(ids)} prompts of {flag} are over --max-prompt-length; each keeps its end")
-    for i, x in enumerate(ids):
-        if len(x) > max_prompt_length:  # a BOS the tokenizer put first stays first (the model always saw one there)
-            keep = 1 if x[0] == tokenizer.bos_token_id and max_prompt_length > 1 else 0
-            ids[i] = x[:keep] + x[len(x) - max_prompt_length + keep :]
+        print(f"note: {len(too_long)} of {len(ids)} prompts of {flag} are over --max-prompt-length; each keeps its end")
+    for i in too_long:  # a BOS the tokenizer put first stays first (the model always saw one there)
+        keep = 1 if ids[i][0] == tokenizer.bos_token_id and max_prompt_length > 1 else 0
+        ids[i] = ids[i][:keep] + ids[i][len(ids[i]) - max_prompt_length + keep :]
     return ids
 
 
@@ -591,9 +585,8 @@ def is_reward_function(name):
 
 
 class RewardFunction:
-    """A reward computed by a Python function, e.g. a checker of a verifiable answer (RLVR): it gets the prompts and the
-    responses as text (no special tokens, so no EOS) and returns a number per response; a function that takes a keyword
-    `ended` also gets whether each response ended with an EOS. The missing-EOS penalty applies on top, as to an RM."""
+    """A reward computed by a Python function (e.g. a checker of verifiable answers, RLVR) of the prompts and responses
+    as text (no special tokens, so no EOS), and of `ended` (each response's EOS) if it takes that keyword."""
 
     def __init__(self, spec, flag, tokenizer):
         path, _, name = spec.rpartition(":")
@@ -601,14 +594,9 @@ class RewardFunction:
         if not os.path.isfile(path):
             fail(f"{self.said}: no such file; pass path/to/file.py:function")
         try:
-            module_spec = importlib.util.spec_from_file_location(f"reward_function_{name}", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            self.function = runpy.run_path(path).get(name)
         except Exception as e:  # noqa: BLE001 (a syntax error, a failed import: one line)
-            fail(
-                f"{self.said}: the file does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            )
-        self.function = getattr(module, name, None)
+            fail(f"{self.said}: the file does not load ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
         if not callable(self.function):
             fail(f"{self.said}: the file has no function `{name}`; pass path/to/file.py:function")
         parameters = inspect.signature(self.function).parameters.values()
@@ -623,12 +611,10 @@ class RewardFunction:
         try:
             scores = self.function(prompts, texts, **({"ended": ended} if self.takes_ended else {}))
         except Exception as e:  # noqa: BLE001 (the user's code: one line naming it; the records so far are kept)
-            fail(f"{self.said} raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; fix the function")
+            fail(f"{self.said} raised {type(e).__name__}: {(str(e).splitlines() or [''])[0]}; fix the function")
         scores = scores.tolist() if hasattr(scores, "tolist") else scores  # a tensor or a NumPy array: a list
         if not isinstance(scores, list | tuple) or len(scores) != len(texts):
-            fail(
-                f"{self.said} returned {str(scores)[:40]} for {len(texts)} responses; return a list of one number each"
-            )
+            fail(f"{self.said} returned {str(scores)[:40]} for {len(texts)} responses; return one number each")
         bad = [x for x in scores if not (isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x))]
         if bad:
             fail(f"{self.said} returned {bad[0]!r} among its scores; return one finite number per response")
