@@ -58,3 +58,21 @@ def test_the_profile_splits_the_loop_by_model_and_counts_each_models_forward_pas
     assert all(seconds > 0 for seconds in times.values())
     assert rloo.generate is generate and rloo.evaluate is evaluate
     assert torch.nn.Module.__call__ is torch.nn.Module._wrapped_call_impl
+
+
+def test_the_sampling_pass_scores_the_sampled_tokens_as_the_full_pass_does_in_fp32():
+    """benchmarks/sampling_logprobs.py: the log-probs the KV-cache sampling loop computed for the tokens it drew are
+    the full forward pass's up to fp32 rounding, and under bf16 autocast differ by more (what the benchmark reports)."""
+    sys.path.insert(0, str(REPO))
+    spec = importlib.util.spec_from_file_location("sampling_logprobs", REPO / "benchmarks" / "sampling_logprobs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = str(REPO / "tinyworld" / "sft")
+    tokenizer, policy = module.AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    texts = module.script.load_prompts(str(REPO / "tinyworld" / "prompts_train.jsonl"), "--dataset")
+    prompts = module.script.tokenize_prompts(tokenizer, texts[:8], 16, "--dataset")
+    args = module.Args(batch_size=8, response_length=6, repeats=1)
+    fp32, bf16 = (module.compare(policy, tokenizer, prompts, args, p) for p in ["fp32", "bf16"])
+    assert fp32["max dlogp"] < 1e-4 and fp32["max dentropy"] < 1e-4
+    assert bf16["max dlogp"] > 1e-3  # bf16's 8-bit mantissa, in other matrix shapes
+    assert module.table([fp32, bf16]).splitlines()[2].startswith("| fp32 | ")
