@@ -1045,7 +1045,10 @@ class RunLogger:
         self.checkpoint = self.saved = None
         if args.resume:  # every rank reads its run.pt (rank 0 cuts the records back to it): see resume()
             self.checkpoint = latest_checkpoint(args.output_dir)
-            self.saved = torch.load(os.path.join(self.checkpoint, "run.pt"), weights_only=True)
+            try:  # weights_only: a checkpoint holds tensors and plain data, never code that loading would run
+                self.saved = torch.load(os.path.join(self.checkpoint, "run.pt"), weights_only=True)
+            except Exception as e:  # noqa: BLE001 (a damaged or foreign file: one line)
+                fail(f"--resume: {self.checkpoint}/run.pt does not load ({str(e).splitlines()[0]}); start a new run")
         if rank == 0:
             self.dir = self.open_folder(args, run_name)
             if args.track:

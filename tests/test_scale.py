@@ -5,6 +5,7 @@ two processes run with one thread each."""
 import datetime
 import importlib
 import os
+import pathlib
 import random
 import shutil
 import signal
@@ -432,6 +433,29 @@ def test_a_finished_run_is_not_resumed_and_batches_must_split_over_the_processes
     )
     assert result.returncode != 0 and "--batch-size 32 does not split over 3 processes" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+class Touch:
+    """A pickled object that, unpickled, creates a file: what a checkpoint file from elsewhere could hold."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_resume_runs_no_code_from_a_checkpoint_file_and_says_it_does_not_load(stopped_run, tmp_path):
+    """--resume reads run.pt with torch.load(weights_only=True): tensors and plain data only, so a file that holds a
+    pickled call (a damaged or foreign checkpoint, or a malicious one) runs nothing and ends in one line."""
+    run, flags = stopped_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    marker = tmp_path / "ran"
+    torch.save({"loop": {}, "payload": Touch(marker)}, copy / "checkpoint" / "run.pt")
+    code, _, stderr = run_main("rloo_rlhf_multigpu.py", *flags, "--output-dir", copy, "--resume", cwd=tmp_path)
+    assert code != 0 and not marker.exists(), stderr[-2000:]
+    assert "--resume:" in stderr and "run.pt does not load" in stderr and "Traceback" not in stderr, stderr[-2000:]
 
 
 def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
