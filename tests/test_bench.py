@@ -76,3 +76,24 @@ def test_the_sampling_pass_scores_the_sampled_tokens_as_the_full_pass_does_in_fp
     assert fp32["max dlogp"] < 1e-4 and fp32["max dentropy"] < 1e-4
     assert bf16["max dlogp"] > 1e-3  # bf16's 8-bit mantissa, in other matrix shapes
     assert module.table([fp32, bf16]).splitlines()[2].startswith("| fp32 | ")
+
+
+def test_the_trl_race_gives_trl_our_settings_and_refuses_what_trl_cannot_do():
+    """benchmarks/trl_race.py (TRL itself is not installed here): TRL's config is read from the Args our script parses
+    from the race's flags, so a renamed flag or a changed default of ours changes (or stops) the race, never leaves TRL
+    on settings of its own."""
+    spec = importlib.util.spec_from_file_location("trl_race", REPO / "benchmarks" / "trl_race.py")
+    race = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(race)
+    sys.path.insert(0, str(REPO))
+    for algo in ["ppo", "rloo"]:
+        script = importlib.import_module(f"{algo}_rlhf")
+        args = race.Args(ours_extra="--learning-rate 1e-4 --kl-coef 0.07 --response-length 20")
+        ours = race.tyro.cli(script.Args, args=race.race_flags(algo, args))
+        trl = race.trl_config(algo, ours, "runs/x")["trl"]
+        assert (trl["learning_rate"], trl["kl_coef"], trl["response_length"]) == (1e-4, 0.07, 20)
+        assert trl["total_episodes"] == {"ppo": 1024, "rloo": 16384}[algo] and trl["per_device_train_batch_size"] == 64
+        assert trl["num_ppo_epochs"] == ours.num_ppo_epochs and trl["cliprange"] == ours.clip_coef
+        refused = race.tyro.cli(script.Args, args=[*race.race_flags(algo, args), "--kl-in", "loss"])
+        with pytest.raises(SystemExit, match="no equivalent of --kl-in loss"):
+            race.trl_config(algo, refused, "runs/x")
