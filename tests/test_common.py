@@ -371,7 +371,7 @@ def test_ctrl_c_ends_with_one_line_and_an_incomplete_folder(tmp_path, llama):
     assert any("objective/scores" in r for r in read_jsonl(out / "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [*SCRIPTS, "ppo_rlhf_multigpu.py", "sac_rlhf_multigpu.py"])  # (twins: own loops)
 def test_non_finite_loss_stops_without_saving(script, tmp_path, llama):
     out = tmp_path / "run"
     code, _, stderr = run_main(
