@@ -183,3 +183,7 @@ def test_one_process_twins_write_their_plain_files_records(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "same_numbers.py"), "--pairs", *pairs, f"--flags={flags}"]
     result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True)
     assert result.returncode == 0 and "every number the same" in result.stdout, result.stdout + result.stderr
+    # SAC again with 2-step targets: at the default --n-step 8, 8-token responses' targets never read the target critic
+    cmd = [*cmd[:3], "sac_rlhf.py:sac_rlhf_multigpu.py", f"--flags={flags} --n-step 2"]
+    result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True)
+    assert result.returncode == 0 and "every number the same" in result.stdout, result.stdout + result.stderr
