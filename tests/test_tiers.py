@@ -179,11 +179,11 @@ def test_one_process_twins_write_their_plain_files_records(tmp_path):
     """Bit for bit on the CPU with one thread (benchmarks/same_numbers.py): metrics.jsonl (but its wall times) and
     samples.jsonl."""
     flags = "--total-episodes 64 --batch-size 16 --eval-every 32 --eval-size 8 --response-length 8 --no-save-model"
-    pairs = [f"{p}:{t}" for p, t in zip(PLAIN, TWINS, strict=True)]
+    pairs = [f"{p}:{t}" for p, t in zip(PLAIN, TWINS, strict=True) if not p.startswith("sac")]
     cmd = [sys.executable, str(REPO / "benchmarks" / "same_numbers.py"), "--pairs", *pairs, f"--flags={flags}"]
     result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True)
     assert result.returncode == 0 and "every number the same" in result.stdout, result.stdout + result.stderr
-    # SAC again with 2-step targets: at the default --n-step 8, 8-token responses' targets never read the target critic
+    # SAC with 2-step targets: at its default --n-step 8, 8-token responses' targets never read the target critic
     cmd = [*cmd[:3], "sac_rlhf.py:sac_rlhf_multigpu.py", f"--flags={flags} --n-step 2"]
     result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True)
     assert result.returncode == 0 and "every number the same" in result.stdout, result.stdout + result.stderr
