@@ -738,7 +738,7 @@ def tokenize_prompts(tokenizer, prompts, max_prompt_length, flag):
             except Exception as e:  # noqa: BLE001 (no template, or one that rejects these messages: one line)
                 why = "it has no chat template" if tokenizer.chat_template is None else str(e).splitlines()[0]
                 fail(f"{flag}: row {number} holds chat messages --model-name cannot format ({why}); use `prompt` text")
-        ids.append(tokenizer(text, add_special_tokens=text is prompt, verbose=False)["input_ids"])
+        ids.append(tokenizer(text, add_special_tokens=isinstance(prompt, str), verbose=False)["input_ids"])
     if any(len(x) == 0 for x in ids):  # e.g. "" with a tokenizer that adds no BOS: there is nothing to condition on
         fail(f"{flag}: some prompts are empty after tokenization; remove them or use a tokenizer that adds BOS")
     too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
@@ -1129,7 +1129,8 @@ class RunLogger:
             try:  # weights_only: a checkpoint holds tensors and plain data, never code that loading would run
                 self.saved = torch.load(os.path.join(self.checkpoint, "run.pt"), weights_only=True)
             except Exception as e:  # noqa: BLE001 (a damaged or foreign file: one line)
-                fail(f"--resume: {self.checkpoint}/run.pt does not load ({str(e).splitlines()[0]}); start a new run")
+                why = (str(e).splitlines() or [type(e).__name__])[0]  # (an exception may carry no message)
+                fail(f"--resume: {self.checkpoint}/run.pt does not load ({why}); start a new run")
         if rank == 0:
             self.dir = self.open_folder(args, run_name)
             if args.track:
