@@ -23,7 +23,8 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 import tyro
@@ -59,31 +60,27 @@ class Args:
 
 @torch.no_grad()
 def sampling_pass(model, query, query_mask, args, eos_id, generator, autocast):
-    """The scripts' `generate`, keeping what it computed: per step, log softmax(logits / T) [batch, vocab] (fp32)."""
-    ids, mask, positions = query, query_mask, script.position_ids(query_mask)
-    cache, tokens, logps = None, [], []
-    for _ in range(args.response_length):
-        with autocast:
-            out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logp = torch.log_softmax(out.logits[:, -1].float() / args.temperature, dim=-1)
-        next_token = torch.multinomial(logp.exp(), 1, generator=generator)
-        tokens.append(next_token)
-        logps.append(logp)
-        ids, positions = next_token, positions[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
-    return torch.cat(tokens, dim=1), torch.stack(logps, dim=1)  # [batch, time], [batch, time, vocab]
+    """The scripts' own `generate`, with what each of its forward passes computed kept: the sampled tokens [batch, time]
+    and, per step, log softmax(logits / T) [batch, time, vocab] (fp32)."""
+    logits = []  # each step's next-token logits, read by a hook on the model (generate itself is unchanged)
+    hook = model.register_forward_hook(lambda _model, _inputs, out: logits.append(out.logits[:, -1].float()))
+    try:
+        tokens = script.generate(model, query, query_mask, args, eos_id, generator, autocast)
+    finally:
+        hook.remove()
+    return tokens, torch.log_softmax(torch.stack(logits, dim=1) / args.temperature, dim=-1)
 
 
 def compare(policy, tokenizer, prompts, args, precision):
     """One row: the sampling pass against the full pass, in `precision` ("fp32" or "bf16" autocast)."""
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     query, query_mask = script.left_pad(prompts, tokenizer.pad_token_id, torch.device("cpu"))
+    sampling = SimpleNamespace(**asdict(args), stop_at_eos=False)  # what generate reads; every step samples a token
     times = {"sampling": [], "full": []}
     for _ in range(args.repeats):
         generator = torch.Generator().manual_seed(args.seed)
         start = time.perf_counter()
-        raw, logp_all = sampling_pass(policy, query, query_mask, args, tokenizer.eos_token_id, generator, autocast)
+        raw, logp_all = sampling_pass(policy, query, query_mask, sampling, tokenizer.eos_token_id, generator, autocast)
         times["sampling"].append(time.perf_counter() - start)
         # Fixed-length responses (no EOS cut): every sampled token is one the sampling pass scored.
         mask, responses, _ = script.response_mask(raw, tokenizer.eos_token_id, tokenizer.pad_token_id, False)

@@ -8,8 +8,8 @@ process from outside: interpreter start, imports, model loading, training and sa
 environment of its own (benchmarks/requirements-trl.txt; this repository never depends on trl and this file never
 imports it in the project's venv): --trl-python runs this same file's `trl-driver` subcommand on a JSON config the
 race writes. Then this process scores every saved policy with ppo_rlhf.py's own functions: one response to each of
-the first --eval-size prompts of tinyworld/prompts_eval.jsonl (seed --score-seed, temperature 1, up to 24 new tokens,
-stopped at EOS, batches of 64), and reports
+the first --eval-size prompts of tinyworld/prompts_eval.jsonl (our scripts' `evaluate` with --seed --score-seed,
+temperature 1, up to 24 new tokens, stopped at EOS, batches of 64), and reports
 - gold: the mean score of tinyworld/gold_reward_model on prompt + response;
 - proxy: the mean score of the RM trained against (tinyworld/reward_model), without the missing-EOS penalty;
 - kl: the mean sequence KL to tinyworld/sft: the sum over response tokens of log pi - log pi_ref of the sampled tokens;
@@ -98,8 +98,8 @@ class Args:
     """where runs, logs and results.json go; default runs/trl_race__<time>"""
     eval_size: int = 128
     """scoring: the first N prompts of tinyworld/prompts_eval.jsonl"""
-    score_seed: int = 12346
-    """scoring: the sampling seed (12346 = our scripts' evaluation seed, --seed 1 + 12345)"""
+    score_seed: int = 1
+    """scoring: the --seed of our scripts' evaluation (1: our runs', so on our rows it is their final evaluation)"""
     score_batch_size: int = 64
     """scoring: prompts sampled at once (64 = our scripts' --batch-size, so the samples are our evaluation's)"""
 
@@ -221,30 +221,19 @@ def load_judges(args, ours):
 
 def score_policy(model_dir, args, judges):
     """Mean gold and proxy scores, sequence KL to the reference, EOS rate and response length of one response per
-    evaluation prompt, sampled from the saved policy in model_dir (fp32, temperature 1, up to 24 tokens, EOS stops)."""
+    evaluation prompt, sampled from the saved policy in model_dir: our scripts' own `evaluate` (fp32, temperature 1, up
+    to 24 tokens, EOS stops; the proxy score without the missing-EOS penalty)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    script, tokenizer = judges.script, judges.tokenizer
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    sampling = SimpleNamespace(response_length=24, temperature=1.0, stop_at_eos=True)  # what generate reads
-    eos_id, pad_id, device, autocast = tokenizer.eos_token_id, tokenizer.pad_token_id, "cpu", contextlib.nullcontext()
-    generator = torch.Generator(device=device).manual_seed(args.score_seed)
-    sums = dict.fromkeys(["gold", "proxy", "kl", "eos", "length"], 0.0)
-    with torch.no_grad():
-        for i in range(0, len(judges.eval_ids), args.score_batch_size):
-            query, query_mask = script.left_pad(judges.eval_ids[i : i + args.score_batch_size], pad_id, device)
-            raw = script.generate(policy, query, query_mask, sampling, eos_id, generator, autocast)
-            mask, responses, has_eos = script.response_mask(raw, eos_id, pad_id, sampling.stop_at_eos)
-            rows = (query, query_mask, responses, mask)
-            logprobs, _ = script.forward_logprobs(policy, *rows, sampling.temperature, autocast)
-            ref_logprobs, _ = script.forward_logprobs(judges.ref, *rows, sampling.temperature, autocast)
-            sums["kl"] += ((logprobs - ref_logprobs) * mask).sum().item()
-            sums["gold"] += script.get_scores(judges.gold, *rows, autocast).sum().item()
-            sums["proxy"] += script.get_scores(judges.proxy, *rows, autocast).sum().item()
-            sums["eos"] += has_eos.float().sum().item()
-            sums["length"] += mask.sum().item()
-    return {k: v / len(judges.eval_ids) for k, v in sums.items()}
+    # What evaluate reads of the flags: its sampling seed is --seed + 12345, its batches --batch-size prompts.
+    flags = SimpleNamespace(seed=args.score_seed, batch_size=args.score_batch_size, response_length=24, temperature=1.0)
+    flags.stop_at_eos, flags.missing_eos_penalty = True, None
+    models = (policy, judges.ref, judges.proxy, judges.gold, judges.tokenizer, judges.eval_ids, flags)
+    record, _ = judges.script.evaluate(*models, torch.device("cpu"), contextlib.nullcontext())
+    keys = {"gold": "gold_scores", "proxy": "scores", "kl": "kl", "eos": "eos_rate", "length": "response_length"}
+    return {name: record[f"eval/{key}"] for name, key in keys.items()}
 
 
 def last_record(path, key):
@@ -363,13 +352,14 @@ def trl_driver(config_path):
     # same tokenizer.json as the generic fast tokenizer (the same ids, BOS first, left padding).
     tokenizer = PreTrainedTokenizerFast.from_pretrained(config["model_name"], padding_side="left")
 
+    sys.path.insert(0, REPO)  # our script's own prompt loading and truncation (it imports under transformers 4 too)
+    script = importlib.import_module("ppo_rlhf")
+
     def prompts(path, size=None):
-        """A dataset of `input_ids`: each prompt with BOS, left-truncated to max_prompt_length keeping BOS (ours)."""
-        with open(path, encoding="utf-8-sig") as f:
-            texts = [json.loads(line)["prompt"] for line in f if line.strip()][:size]
-        ids, n = [tokenizer(text)["input_ids"] for text in texts], config["max_prompt_length"]
-        keep = [1 if x[0] == tokenizer.bos_token_id and n > 1 and len(x) > n else 0 for x in ids]
-        ids = [x[:k] + x[len(x) - n + k :] if len(x) > n else x for x, k in zip(ids, keep)]
+        """A dataset of `input_ids`: each prompt as our scripts tokenize it (BOS kept, left-truncated)."""
+        ids = script.tokenize_prompts(
+            tokenizer, script.load_prompts(path, path, size), config["max_prompt_length"], path
+        )
         return datasets.Dataset.from_dict({"input_ids": ids})
 
     fp32 = {"torch_dtype": torch.float32}
