@@ -308,7 +308,8 @@ def chunked(size, fn, *inputs, over_ranks=False):
     the memory of one slice (--rollout-micro-batch-size). Tensor inputs are sliced; the others (a model) pass whole.
     over_ranks (the evaluation, whose rows every rank holds): under torchrun each rank computes an equal run of the
     rows (the last rank's padded with copies of the last row), gathered back in order, so every rank makes the same
-    forward passes through the sharded models and ends with every row's result."""
+    forward passes through the sharded models and ends with every row's result (rows of tokens zero-padded at the end
+    to the longest rank's: a rank whose samples all ended at an EOS stops early; the mask hides the padding)."""
     first = next(x for x in inputs if isinstance(x, torch.Tensor))
     rows = first.shape[0]
     if over_ranks and torch.distributed.is_initialized():
@@ -317,7 +318,7 @@ def chunked(size, fn, *inputs, over_ranks=False):
         mine = torch.arange(rank * share, (rank + 1) * share, device=first.device).clamp(max=rows - 1)
         out = chunked(size, fn, *(x[mine] if isinstance(x, torch.Tensor) else x for x in inputs))
         parts = out if isinstance(out, tuple) else (out,)
-        parts = tuple(all_gather(part)[:rows] for part in parts)  # (the padding rows last: dropped)
+        parts = tuple(all_gather(pad_to_longest(part))[:rows] for part in parts)  # (the padding rows last: dropped)
         return parts if isinstance(out, tuple) else parts[0]
     size = size or rows
     outputs = [
@@ -335,6 +336,15 @@ def all_gather(x):
     parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def pad_to_longest(x):
+    """x [rows, time] zero-padded at the end to the longest rank's time, so the ranks' rows can be gathered."""
+    if x.dim() < 2:
+        return x
+    longest = torch.tensor(x.shape[1], device=x.device)
+    torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+    return torch.nn.functional.pad(x, (0, longest.item() - x.shape[1]))
 
 
 def mean_over_ranks(x):
@@ -355,17 +365,14 @@ def whole_batch_mean(x, mask):
 
 
 @torch.no_grad()
-def rollout(
-    policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast, over_ranks=False
-):
+def rollout(policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast):
     """Sample responses and what the losses and logs need about them, with no gradient. Returns responses, mask
-    (float), has_eos, log-probs, reference log-probs, entropy ([batch, time] each but has_eos) and scores [batch].
-    over_ranks (the evaluation): every rank samples every row, and the ranks split the scoring (see chunked)."""
+    (float), has_eos, log-probs, reference log-probs, entropy ([batch, time] each but has_eos) and scores [batch]."""
     with unsharded(policy):  # (under torchrun: gathered once for the whole generation)
         raw = generate(policy, query, query_mask, args, eos_id, generator, autocast)
     mask, responses, has_eos = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
     rows = (query, query_mask, responses, mask)
-    chunks = functools.partial(chunked, args.rollout_micro_batch_size, over_ranks=over_ranks)  # the no-grad passes
+    chunks = functools.partial(chunked, args.rollout_micro_batch_size)  # the no-grad passes, M rows at a time
     logprobs, entropy = chunks(forward_logprobs, policy, *rows, args.temperature, autocast)
     ref_logprobs, _ = chunks(forward_logprobs, ref_policy, *rows, args.temperature, autocast)
     scores = chunks(get_scores, reward_model, *rows, autocast)
@@ -911,16 +918,18 @@ def check_finite(loss, update):
 @torch.no_grad()
 def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, args, device, autocast):
     """One response per evaluation prompt (a fixed seed, so evaluations are comparable), scored; the variety metrics.
-    Under torchrun every rank samples every prompt (the same draws, so the same numbers whatever the number of
-    processes) and scores its share of each batch, --rollout-micro-batch-size rows at a time; rank 0 writes them."""
-    generator = torch.Generator(device=device).manual_seed(args.seed + 12345)
+    Under torchrun each rank samples and scores its share of each batch (as many rows as its rollouts), with its own
+    seed as in training (so N processes draw other responses than one), and rank 0 writes them."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    generator = torch.Generator(device=device).manual_seed(args.seed + 12345 + 100_000 * rank)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     batches, samples, response_ids = [], [], []
     for i in range(0, len(eval_ids), args.batch_size):
         query, query_mask = left_pad(eval_ids[i : i + args.batch_size], pad_id, device)
-        responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = rollout(
-            policy, ref_policy, reward_model, query, query_mask, args, eos_id, pad_id, generator, autocast, True
-        )  # (True: every rank scores its share of the rows)
+        models = (policy, ref_policy, reward_model)
+        responses, mask, has_eos, logprobs, ref_logprobs, entropy, scores = chunked(
+            None, rollout, *models, query, query_mask, args, eos_id, pad_id, generator, autocast, over_ranks=True
+        )  # (under torchrun each rank samples its share of the rows; every rank gets them all back)
         stats = batch_stats(scores, logprobs, ref_logprobs, entropy, mask, has_eos)
         rows, size = (query, query_mask, responses, mask.long()), args.rollout_micro_batch_size
         gold = None if gold_model is None else chunked(size, get_scores, gold_model, *rows, autocast, over_ranks=True)
@@ -937,9 +946,11 @@ def evaluate(policy, ref_policy, reward_model, gold_model, tokenizer, eval_ids, 
     record |= {"eval/distinct_1": distinct_n(response_ids, 1), "eval/distinct_2": distinct_n(response_ids, 2)}
     # Variety for one prompt: 4 responses to each of the first 16 prompts (their own seed: the rest is unchanged).
     query, query_mask = left_pad([ids for ids in eval_ids[:16] for _ in range(4)], pad_id, device)
-    group_generator = torch.Generator(device=device).manual_seed(args.seed + 54321)
-    with unsharded(policy):  # (under torchrun: gathered once for the whole generation)
-        raw = generate(policy, query, query_mask, args, eos_id, group_generator, autocast)
+    group_generator = torch.Generator(device=device).manual_seed(args.seed + 54321 + 100_000 * rank)
+    with unsharded(policy):  # (under torchrun: gathered once; each rank samples its share of the rows)
+        raw = chunked(
+            None, generate, policy, query, query_mask, args, eos_id, group_generator, autocast, over_ranks=True
+        )
     mask, responses, _ = response_mask(raw, eos_id, pad_id, args.stop_at_eos)
     groups = [[responses[j][mask[j].bool()].tolist() for j in range(i, i + 4)] for i in range(0, len(query), 4)]
     record["eval/self_similarity"] = sum(map(pairwise_similarity, groups)) / len(groups)
@@ -1042,14 +1053,11 @@ class RunLogger:
 
     def __init__(self, args, run_name, rank):
         self.args, self.rank, self.episode, self.last_eval, self.wandb = args, rank, 0, "", None
-        self.checkpoint = self.saved = None
-        if args.resume:  # every rank reads its run.pt (rank 0 cuts the records back to it): see resume()
+        self.checkpoint = self.saved = self.ranks = None
+        if args.resume:  # every rank reads run.pt and each rank's file before rank 0 cuts the records back: resume()
             self.checkpoint = latest_checkpoint(args.output_dir)
-            try:  # weights_only: a checkpoint holds tensors and plain data, never code that loading would run
-                self.saved = torch.load(os.path.join(self.checkpoint, "run.pt"), weights_only=True)
-            except Exception as e:  # noqa: BLE001 (a damaged or foreign file: one line)
-                why = (str(e).splitlines() or [type(e).__name__])[0]  # (an exception may carry no message)
-                fail(f"--resume: {self.checkpoint}/run.pt does not load ({why}); start a new run")
+            self.saved = self.read(self.checkpoint, "run.pt")
+            self.ranks = [self.read(self.checkpoint, f"rank{r}.pt") for r in range(self.saved["num_processes"])]
         if rank == 0:
             self.dir = self.open_folder(args, run_name)
             if args.track:
@@ -1189,8 +1197,7 @@ class RunLogger:
                 set_optimizer_state_dict(models, trained[name], state)
         for name, state in run["trained"].items():
             load_state(trained[name], state)
-        ranks = [os.path.join(folder, f"rank{r}.pt") for r in range(run["num_processes"])]
-        ranks = [torch.load(path, weights_only=True) for path in ranks]
+        ranks = self.ranks
         mine = ranks[self.rank] if self.rank < len(ranks) else None
         for name, obj in own.items():
             if isinstance(obj, list) and len(ranks) != num_ranks:  # SAC's buffers: pooled oldest first, dealt out
@@ -1212,6 +1219,16 @@ class RunLogger:
             if len(ranks) != num_ranks:
                 self.bar.write(f"note: written by {len(ranks)} process(es), resumed on {num_ranks}: not bit for bit")
         return run["loop"]
+
+    @staticmethod
+    def read(folder, name):
+        """A checkpoint's file, read with weights_only: tensors and plain data, never code that loading would run. A
+        damaged or foreign file stops the run in one line."""
+        try:
+            return torch.load(os.path.join(folder, name), weights_only=True)
+        except Exception as e:  # noqa: BLE001 (a damaged or foreign file: one line)
+            why = (str(e).splitlines() or [type(e).__name__])[0]  # (an exception may carry no message)
+            fail(f"--resume: {folder}/{name} does not load ({why}); start a new run")
 
     def finish(self, policy, tokenizer, start_time):
         """Save the final policy (with --save-model), close the records and say what the run achieved."""

@@ -89,7 +89,7 @@ def test_two_processes_take_the_same_steps_as_one(script, tmp_path, monkeypatch)
     """With the same responses (fixed sampling, tests/fixed_sampling.py), two processes that each hold half of every
     batch and half of every model (FSDP) average their gradients to the one-process gradient of the whole batch: the
     same policy after three updates (float noise: sums in another order), the same common metrics, which are those of
-    the global batch, and the same evaluations (every rank evaluates; the sharded policy samples gathered whole)."""
+    the global batch, and the same evaluations (each rank samples its share of them from the policy gathered whole)."""
     k = "4" if script in ["rloo_rlhf_multigpu.py", "grpo_rlhf_multigpu.py"] else "1"  # responses per prompt
     flags = [*SMALL, *SAME_STEPS[script], "--total-episodes", "96", "--eval-every", "64"]
     monkeypatch.setattr(torch, "multinomial", inverse_cdf_sampler(int(k)))  # this process: the one-process run
@@ -107,15 +107,34 @@ def test_two_processes_take_the_same_steps_as_one(script, tmp_path, monkeypatch)
         torch.testing.assert_close(trained_two[name], weight, rtol=1e-5, atol=1e-5)
 
 
+COUNTING = """
+import runpy, sys, torch
+sample, rows = torch.multinomial, set()
+def counting(probs, num_samples, generator=None):  # the real sampler, counting the rows it samples at once
+    rows.add(len(probs))
+    return sample(probs, num_samples, generator=generator)
+torch.multinomial = counting
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print(f"rows sampled at once: {sorted(rows)}", flush=True)
+"""
+
+
 @pytest.mark.parametrize(
     "script, episodes", [("ppo_rlhf_multigpu.py", 256), ("rloo_rlhf_multigpu.py", 1024)], ids=SCRIPTS[:2]
 )
 def test_a_two_process_run_learns_and_writes_one_run_folder(script, episodes, tmp_path):
     """A real two-process run (each rank its own sampling seed) raises the evaluation score, and rank 0 alone writes
-    the run folder, with the common keys in every record. (SAC's two-process run: the resume test below.)"""
+    the run folder, with the common keys in every record. Each rank samples its 16 rows of a rollout, its 8 of the 16
+    evaluation prompts and its 32 of the 64 variety rows, never all of them (memory: at 8 GPUs an evaluation sampled
+    whole on each rank holds 8 times a rollout's KV cache). (SAC's two-process run: the resume test below.)"""
     out = tmp_path / "run"
+    (tmp_path / "counting.py").write_text(COUNTING)
     result = torchrun(
         2,
+        tmp_path / "counting.py",
         str(REPO / script),
         *SMALL,
         "--total-episodes",
@@ -136,6 +155,7 @@ def test_a_two_process_run_learns_and_writes_one_run_folder(script, episodes, tm
     assert [r["episode"] for r in evals] == [0, episodes]
     assert evals[1]["eval/scores"] > evals[0]["eval/scores"] + 0.2
     assert len(read_jsonl(out / "samples.jsonl")) == 2 * 16  # one evaluation set each time, not one per rank
+    assert result.stdout.count("rows sampled at once: [8, 16, 32]") == 2, result.stdout[-3000:]
 
 
 def test_each_process_holds_half_of_every_model_and_of_the_optimizer_state(tmp_path):
@@ -231,6 +251,9 @@ for name in ["ppo_rlhf_multigpu", "rloo_rlhf_multigpu", "grpo_rlhf_multigpu", "s
     assert twin.mean_over_ranks(local).item() == 7.5 and local.item() == (3.0 if rank == 0 else 12.0), name
     assert twin.whole_batch_mean(mine, mask).item() == 3.25, name  # (1 + 3 + 4 + 5) / 4 real tokens
     assert twin.all_gather(mine[:2] + 10 * rank).tolist() == [1.0, 2.0, 13.0, 14.0], name  # in rank order
+    # Rows of another length on each rank (samples that stopped at an EOS early): zero-padded to the longest.
+    ragged = twin.chunked(None, lambda x: x[:, : 3 - rank], x, over_ranks=True)  # rank 0: 3 columns, rank 1: 2
+    assert ragged.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 0], [12, 13, 0]], (name, ragged)
 print(f"rows in order {rank}", flush=True)  # (one write: the ranks' lines stay whole)
 torch.distributed.destroy_process_group()  # (else gloo's threads can abort the exit: "terminate called without ...")
 """
@@ -239,7 +262,8 @@ torch.distributed.destroy_process_group()  # (else gloo's threads can abort the 
 def test_the_evaluation_splits_its_rows_over_the_processes_in_order(tmp_path):
     """The evaluation's no-grad passes split over the ranks (chunked(..., over_ranks=True)): each rank computes an
     equal run of the rows, --rollout-micro-batch-size at a time (the same number of forward passes on every rank, as a
-    sharded model needs), and every rank gets every row's result back in order. And the global batch's statistics:
+    sharded model needs), and every rank gets every row's result back in order, rows of tokens zero-padded to the
+    longest rank's (a rank whose samples all ended early stops early). And the global batch's statistics:
     mean_over_ranks (its input left as it was), whole_batch_mean over every rank's real tokens, all_gather in rank
     order; each twin's own copy of them."""
     (tmp_path / "split.py").write_text(SPLIT)
@@ -459,16 +483,23 @@ class Touch:
 
 
 def test_resume_runs_no_code_from_a_checkpoint_file_and_says_it_does_not_load(stopped_run, tmp_path):
-    """--resume reads run.pt with torch.load(weights_only=True): tensors and plain data only, so a file that holds a
-    pickled call (a damaged or foreign checkpoint, or a malicious one) runs nothing and ends in one line."""
+    """--resume reads run.pt and each rank's file with torch.load(weights_only=True): tensors and plain data only, so
+    a file that holds a pickled call (a damaged or foreign checkpoint, or a malicious one) runs nothing and ends in one
+    line; so does a damaged rank's file, read before the records are cut back to the checkpoint (they stay whole)."""
     run, flags = stopped_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
     marker = tmp_path / "ran"
-    torch.save({"loop": {}, "payload": Touch(marker)}, copy / "checkpoint" / "run.pt")
-    code, _, stderr = run_main("rloo_rlhf_multigpu.py", *flags, "--output-dir", copy, "--resume", cwd=tmp_path)
-    assert code != 0 and not marker.exists(), stderr[-2000:]
-    assert "--resume:" in stderr and "run.pt does not load" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    for name in ["run.pt", "rank0.pt"]:
+        copy = tmp_path / name
+        shutil.copytree(run, copy)
+        records = (copy / "metrics.jsonl").read_bytes()
+        if name == "run.pt":
+            torch.save({"loop": {}, "payload": Touch(marker)}, copy / "checkpoint" / name)
+        else:
+            (copy / "checkpoint" / name).write_bytes((copy / "checkpoint" / name).read_bytes()[:100])  # cut short
+        code, _, stderr = run_main("rloo_rlhf_multigpu.py", *flags, "--output-dir", copy, "--resume", cwd=tmp_path)
+        assert code != 0 and not marker.exists(), stderr[-2000:]
+        assert f"--resume: {copy / 'checkpoint' / name} does not load" in stderr, stderr[-2000:]
+        assert "Traceback" not in stderr and (copy / "metrics.jsonl").read_bytes() == records, stderr[-2000:]
 
 
 def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):

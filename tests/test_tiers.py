@@ -167,7 +167,7 @@ def test_a_twin_adds_scale_code_and_nothing_else(algo):
     assert twin_only == {
         "chunked", "all_gather", "mean_over_ranks", "parse_args", "setup_distributed", "enable_gradient_checkpointing",
         "shard_models", "unsharded", "sync_gradients", "latest_checkpoint", "distributed_state", "state_of",
-        "load_state", "sync_to_disk",
+        "load_state", "sync_to_disk", "pad_to_longest",
     }  # fmt: skip
     twin_main, plain_main = definitions(f"{algo}_rlhf_multigpu.py")["main"], definitions(f"{algo}_rlhf.py")["main"]
     for scale in ["setup_distributed(args)", "[rank::world_size]", "if args.resume:", "logger.save_checkpoint("]:
