@@ -15,8 +15,14 @@ GPU) and `bool(tensor)` inside `generate` (another: the script's finiteness and 
 transformers' own). On the CPU a synchronisation
 costs nothing beyond the work it waits for; on a GPU each one stalls the launch queue.
 
+With --ops N it also runs each script once more under torch.profiler (no timers of its own) and prints the N operators
+with the most time, each with its share of the run (setup and evaluations included), and the matrix products' rate
+against this machine's fp32 matmul peak (bench.py's 2048 x 2048 measure, with the same threads): when `aten::mm` is most
+of the time at near the peak, the run is compute-bound and only fewer FLOPs make it faster.
+
 Usage: python benchmarks/profile_update.py                                  (each plain script on the tinyworld)
        python benchmarks/profile_update.py --scripts ppo_rlhf.py --hidden-size 512 --layers 8   (random 21M models)
+       python benchmarks/profile_update.py --scripts ppo_rlhf.py --ops 8 --extra="--num-minibatches 1"   (operators)
 Threads: OMP_NUM_THREADS (default 1, as the scripts); give the measured run the machine to itself.
 """
 
@@ -32,11 +38,12 @@ from dataclasses import dataclass, field
 
 import torch
 import tyro
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the scripts import as modules
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # bench.py's random models
-from bench import build_random_models  # noqa: E402
+from bench import build_random_models, matmul_peak_gflops  # noqa: E402
 
 
 @dataclass
@@ -53,6 +60,8 @@ class Args:
     """None: the tinyworld models; else a random Llama policy and reward model of this width (and --layers)"""
     layers: int = 8
     """layers of the random models (--hidden-size 512 --layers 8: 21M matmul parameters each)"""
+    ops: int = 0
+    """0: no operator table; N: the N operators with the most time, from a second run under torch.profiler"""
 
 
 class Profile:
@@ -189,6 +198,46 @@ def profile_script(script, args, models):
     return times, counts, args.total_episodes // args.batch_size
 
 
+def profile_ops(script, args, models):
+    """The script run once under torch.profiler (its operators' self time), then once more counting the matrix
+    products' FLOPs (torch.utils.flop_counter: a count, so that run's time does not matter; with_flops=True in the
+    profiler would slow every small operator it times)."""
+    module = importlib.import_module(os.path.splitext(script)[0])
+    results = []
+    for counter in [
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]),
+        FlopCounterMode(display=False),
+    ]:
+        with tempfile.TemporaryDirectory() as folder:
+            sys.argv = [script, "--output-dir", os.path.join(folder, "run"), "--no-save-model", "--eval-size", "8"]
+            sys.argv += ["--total-episodes", str(args.total_episodes), "--batch-size", str(args.batch_size)]
+            sys.argv += ["--eval-every", str(10**9), *models, *args.extra.split()]
+            quiet = open(os.devnull, "w")  # noqa: SIM115
+            with quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), counter:
+                module.main()
+        results.append(counter)
+    profiler, flops = results
+    matmul = sum(
+        n
+        for op, n in flops.get_flop_counts()["Global"].items()
+        if str(op).startswith(("aten.mm", "aten.addmm", "aten.bmm"))
+    )
+    return profiler.key_averages(), matmul
+
+
+def print_ops(events, matmul_flops, n, peak):
+    total = sum(e.self_cpu_time_total for e in events)  # microseconds
+    print(f"\n| operator (the whole run, {total / 1e6:.1f} s) | self time % | calls |")
+    print("| --- | --- | --- |")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:n]:
+        print(f"| `{e.key}` | {100 * e.self_cpu_time_total / total:.1f} | {e.count} |")
+    mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e6
+    print(
+        f"\nMatrix products (aten::mm, addmm, bmm): {matmul_flops / 1e9:.0f} GFLOP in {mm:.2f} s, "
+        f"{matmul_flops / mm / 1e9:.0f} GFLOP/s; this machine's fp32 matmul peak, measured now: {peak:.0f} GFLOP/s"
+    )
+
+
 def main(args):
     with tempfile.TemporaryDirectory() as folder:
         models = build_random_models(args, folder) if args.hidden_size else []
@@ -212,6 +261,8 @@ def main(args):
             print("| --- | --- |")
             for label, count in sorted(counts.items()):
                 print(f"| {label} | {count / updates:.1f} |")
+            if args.ops:
+                print_ops(*profile_ops(script, args, models), args.ops, matmul_peak_gflops())
 
 
 if __name__ == "__main__":
