@@ -4,6 +4,7 @@ two processes run with one thread each."""
 
 import datetime
 import importlib
+import json
 import os
 import pathlib
 import random
@@ -109,27 +110,30 @@ def test_two_processes_take_the_same_steps_as_one(script, tmp_path, monkeypatch)
 
 COUNTING = """
 import runpy, sys, torch
-sample, rows = torch.multinomial, set()
-def counting(probs, num_samples, generator=None):  # the real sampler, counting the rows it samples at once
+sample, rows, seeds = torch.multinomial, set(), set()
+def counting(probs, num_samples, generator=None):  # the real sampler, noting the rows it samples at once and the seeds
     rows.add(len(probs))
+    seeds.add(generator.initial_seed())
     return sample(probs, num_samples, generator=generator)
 torch.multinomial = counting
 sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
-    print(f"rows sampled at once: {sorted(rows)}", flush=True)
+    print(f"rows sampled at once: {sorted(rows)}; seeds: {sorted(seeds)}", flush=True)
 """
 
 
 @pytest.mark.parametrize(
-    "script, episodes", [("ppo_rlhf_multigpu.py", 256), ("rloo_rlhf_multigpu.py", 1024)], ids=SCRIPTS[:2]
+    "script, episodes, flags",
+    [("ppo_rlhf_multigpu.py", 256, ["--num-minibatches", "2"]), ("rloo_rlhf_multigpu.py", 1024, [])],
+    ids=SCRIPTS[:2],
 )
-def test_a_two_process_run_learns_and_writes_one_run_folder(script, episodes, tmp_path):
+def test_a_two_process_run_learns_and_writes_one_run_folder(script, episodes, flags, tmp_path):
     """A real two-process run (each rank its own sampling seed) raises the evaluation score, and rank 0 alone writes
     the run folder, with the common keys in every record. Each rank samples its 16 rows of a rollout, its 8 of the 16
-    evaluation prompts and its 32 of the 64 variety rows, never all of them (memory: at 8 GPUs an evaluation sampled
-    whole on each rank holds 8 times a rollout's KV cache). (SAC's two-process run: the resume test below.)"""
+    evaluation prompts and its 32 of the 64 variety rows, with seeds of its own, never all of the rows (memory: at 8
+    GPUs an evaluation sampled whole on each rank holds 8 times a rollout's KV cache). (SAC's: the resume test.)"""
     out = tmp_path / "run"
     (tmp_path / "counting.py").write_text(COUNTING)
     result = torchrun(
@@ -137,6 +141,7 @@ def test_a_two_process_run_learns_and_writes_one_run_folder(script, episodes, tm
         tmp_path / "counting.py",
         str(REPO / script),
         *SMALL,
+        *flags,  # (PPO: 2 minibatches of 8 responses per rank, not 4 of 4: half the steps, for CI's time)
         "--total-episodes",
         episodes,
         "--eval-every",
@@ -155,7 +160,10 @@ def test_a_two_process_run_learns_and_writes_one_run_folder(script, episodes, tm
     assert [r["episode"] for r in evals] == [0, episodes]
     assert evals[1]["eval/scores"] > evals[0]["eval/scores"] + 0.2
     assert len(read_jsonl(out / "samples.jsonl")) == 2 * 16  # one evaluation set each time, not one per rank
-    assert result.stdout.count("rows sampled at once: [8, 16, 32]") == 2, result.stdout[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("rows sampled at once: [8, 16, 32]; ")]
+    seeds = [set(json.loads(line.split("seeds: ")[1])) for line in lines]
+    assert len(seeds) == 2 and len(seeds[0]) == len(seeds[1]) == 3, result.stdout[-3000:]  # rollouts, eval, variety
+    assert not seeds[0] & seeds[1], seeds  # each rank its own draws, in the evaluation as in training
 
 
 def test_each_process_holds_half_of_every_model_and_of_the_optimizer_state(tmp_path):
