@@ -7,7 +7,9 @@ For each --critic design it reports, exactly, from the modules sac_rlhf.py build
 - AdamW's state after one critic step (two fp32 tensors per trainable parameter);
 - the size of one [batch, time, 2, vocab] fp32 Q tensor at the run's batch and response length;
 then runs sac_rlhf.py on the fixture with that critic (fixed-length responses, a few updates) as its own process:
-- peak RSS (CPU) and, on CUDA, the peak allocated GPU memory the script logs (memory/cuda_peak_gb).
+- peak RSS (CPU) and, on CUDA, the peak allocated GPU memory the script logs (memory/cuda_peak_gb);
+- each against ppo_rlhf.py's on the same fixture, batch and rollouts (one epoch of one minibatch: one gradient step
+  per rollout, as SAC's here), whose value model is the same copy of the reward model: SAC's cost over PPO's.
 
 Usage: python benchmarks/sac_memory.py        (CPU: a few minutes, about 13 GiB of memory at the peak)
 """
@@ -88,17 +90,16 @@ def count_critic(args, models, design):
     return {"new": new, "trainable": trainable, "adam_bytes": state, "q_bytes": q_bytes}
 
 
-def run_design(args, folder, models, design):
-    """sac_rlhf.py with this critic on the fixture: its peak RSS and (on CUDA) peak allocated GPU memory."""
-    out = os.path.join(folder, f"run-{design}")
+def run_script(args, folder, models, script, *flags):
+    """A script with these flags on the fixture: its peak RSS and (on CUDA) peak allocated GPU memory."""
+    out = os.path.join(folder, f"run-{script}-{len(os.listdir(folder))}")
     world = lambda name: os.path.join(REPO, "tinyworld", name)  # noqa: E731
-    cmd = [sys.executable, os.path.join(REPO, "sac_rlhf.py"), "--critic", design, "--output-dir", out]
+    cmd = [sys.executable, os.path.join(REPO, script), *flags, "--output-dir", out]
     cmd += ["--model-name", models[0], "--reward-model-name", models[1]]
     cmd += ["--gold-reward-model-name", "None", "--dataset", world("prompts_train.jsonl")]
     cmd += ["--eval-dataset", world("prompts_eval.jsonl"), "--eval-size", "1", "--eval-every", str(10**9)]
     cmd += ["--batch-size", str(args.batch_size), "--total-episodes", str(args.batch_size * args.updates)]
-    cmd += ["--response-length", str(args.response_length), "--no-stop-at-eos", "--updates-per-rollout", "1"]
-    cmd += ["--no-save-model"]
+    cmd += ["--response-length", str(args.response_length), "--no-stop-at-eos", "--no-save-model"]
     _, peak_rss = run_child(cmd)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         last = [r for r in map(json.loads, f) if "objective/scores" in r][-1]
@@ -115,17 +116,28 @@ if __name__ == "__main__":
     )
     print(
         "| --critic | new parameters | critic trainable parameters | target copy GiB | AdamW state GiB "
-        "| one Q tensor GiB | run peak RSS GiB | run peak CUDA GiB |"
+        "| one Q tensor GiB | run peak RSS GiB (SAC / PPO) | run peak CUDA GiB (SAC / PPO) |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    ratio = lambda a, b: "" if not b else f" ({a / b:.2f})"  # noqa: E731
     with tempfile.TemporaryDirectory() as folder:
         models = build_fixture(args, folder)
+        ppo_rss, ppo_cuda = run_script(
+            args, folder, models, "ppo_rlhf.py", "--num-ppo-epochs", "1", "--num-minibatches", "1"
+        )
+        cuda_cell = "-" if ppo_cuda is None else f"{ppo_cuda:.2f}"
+        print(
+            f"| (`ppo_rlhf.py`, its value model) | - | - | - | - | - | {ppo_rss / 1024:.2f} | {cuda_cell} |", flush=True
+        )
         for design in args.critics:
             c = count_critic(args, models, design)
-            peak_rss, cuda = run_design(args, folder, models, design)
+            peak_rss, cuda = run_script(
+                args, folder, models, "sac_rlhf.py", "--critic", design, "--updates-per-rollout", "1"
+            )
+            cuda_cell = "-" if cuda is None else f"{cuda:.2f}{ratio(cuda, ppo_cuda)}"
             print(
                 f"| {design} | {c['new'] / 1e6:.2f}M | {c['trainable'] / 1e6:.1f}M | {gib(4 * c['trainable'])} "
-                f"| {gib(c['adam_bytes'])} | {gib(c['q_bytes'])} | {peak_rss / 1024:.2f} "
-                f"| {'-' if cuda is None else f'{cuda:.2f}'} |",
+                f"| {gib(c['adam_bytes'])} | {gib(c['q_bytes'])} | {peak_rss / 1024:.2f}{ratio(peak_rss, ppo_rss)} "
+                f"| {cuda_cell} |",
                 flush=True,
             )
