@@ -448,3 +448,53 @@ def test_every_committed_table_is_what_replot_writes_from_its_summary(tmp_path, 
     compare.replot(str(tmp_path), plots=False)
     assert (tmp_path / "table.md").read_text() == (REPO / "results" / folder / "table.md").read_text()
     assert sorted(os.listdir(tmp_path)) == ["summary.json", "table.md"]
+
+
+def test_the_second_race_patch_traced_targets_follow_the_retrace_recursion(tmp_path):
+    """experiments/sac_second_race.patch's --trace targets (results/sac_race2), against the recursion written out one
+    response and one step at a time: G_t = r_t + g [V(s_{t+1}) - c_{t+1} (Qbar(s_{t+1}, a_{t+1}) - G_{t+1})] cut at n
+    steps (G = r + g V at the last), c = pi(a|s) (tree-backup) or min(1, pi(a|s) / mu(a|s)) (Retrace), 0 past the end;
+    at n = 1 the script's own one-step target."""
+    compare.apply_patch("sac_rlhf.py", "experiments/sac_second_race.patch", str(tmp_path / "patched.py"))
+    spec = importlib.util.spec_from_file_location("patched", tmp_path / "patched.py")
+    patched = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(patched)
+    torch = patched.torch
+    g = torch.Generator().manual_seed(0)
+    rows, width, vocab, alpha, beta, gamma = 3, 6, 5, 0.1, 0.05, 0.9
+    logp, ref = (torch.log_softmax(torch.randn(rows, width, vocab, generator=g), -1) for _ in range(2))
+    q, scores = torch.randn(rows, width, 2, vocab, generator=g), torch.randn(rows, generator=g)
+    responses = torch.randint(0, vocab, (rows, width), generator=g)
+    mask = torch.ones(rows, width)
+    mask[1, 4:], mask[2, 2:] = 0, 0  # responses of 6, 4 and 2 tokens
+    mu = torch.log_softmax(torch.randn(rows, width, vocab, generator=g), -1).gather(-1, responses[..., None])[..., 0]
+    q_min = q.min(2).values
+    values = (logp.exp() * (q_min - (alpha + beta) * logp + beta * ref)).sum(-1)  # V(s_t), the state before token t
+
+    def recursion(trace, n):
+        out = torch.zeros(rows, width)
+        for b in range(rows):
+            end = int(mask[b].sum())
+            reward = [0.0] * (end - 1) + [scores[b].item()]
+            value = lambda t: values[b, t].item() if t < end else 0.0  # noqa: E731
+            pi = lambda t: logp[b, t, responses[b, t]].exp().item()  # noqa: E731
+            c = lambda t: 0.0 if t >= end else pi(t) if trace == "tree" else min(1.0, pi(t) / mu[b, t].exp().item())  # noqa: E731
+
+            def ret(t, k):
+                if k == 1 or t + 1 >= end:
+                    return reward[t] + gamma * value(t + 1)
+                q_next = q_min[b, t + 1, responses[b, t + 1]].item()
+                return reward[t] + gamma * (value(t + 1) - c(t + 1) * (q_next - ret(t + 1, k - 1)))
+
+            for t in range(end):
+                out[b, t] = ret(t, n)
+        return out
+
+    for trace in ["tree", "retrace"]:
+        for n in [1, 2, 3, 8]:
+            got = patched.traced_targets(q, logp, ref, scores, mask, alpha, beta, gamma, n, responses, mu * mask, trace)
+            torch.testing.assert_close(got, recursion(trace, n), rtol=1e-5, atol=1e-5)
+    one_step = patched.critic_targets(q, logp, ref, scores, mask, alpha, beta, gamma, 1)
+    torch.testing.assert_close(
+        patched.traced_targets(q, logp, ref, scores, mask, alpha, beta, gamma, 1, responses, mu, "retrace"), one_step
+    )
