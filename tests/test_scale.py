@@ -232,7 +232,7 @@ def test_a_parameter_that_gets_no_gradient_on_one_process_does_not_hang(tmp_path
 
 
 SPLIT = """
-import importlib, sys, torch
+import importlib, os, sys, torch
 sys.path.insert(0, sys.argv[1])
 
 torch.distributed.init_process_group("gloo")
@@ -264,6 +264,7 @@ for name in ["ppo_rlhf_multigpu", "rloo_rlhf_multigpu", "grpo_rlhf_multigpu", "s
     assert ragged.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 0], [12, 13, 0]], (name, ragged)
 print(f"rows in order {rank}", flush=True)  # (one write: the ranks' lines stay whole)
 torch.distributed.destroy_process_group()  # (else gloo's threads can abort the exit: "terminate called without ...")
+os._exit(0)  # and skip the interpreter's teardown, which still aborted 2 runs in 12 under load after every check passed
 """
 
 
