@@ -38,6 +38,7 @@ so a change to how results are shown reaches every committed results/ folder wit
 committed). A section whose numbers an older summary.json lacks (thresholds, the sqrt(KL) law) is left out.
 """
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -138,6 +139,16 @@ def check_args(args):
                         f"--resume: {os.path.dirname(runner)} was made with other flags ({shlex.join(old[1:])}); "
                         "use another --output-dir"
                     )
+
+
+def cpu_model():
+    """The CPU's model name (Linux), for the record: runs repeat bit for bit only on the same machine type."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            return names[0]
+    return platform.processor() or "CPU model unknown"
 
 
 def expand_runs(args):
@@ -422,7 +433,8 @@ def summarise(args, labels):
         "seeds": args.seeds,
         "extra": args.extra,
         "gold_thresholds": args.gold_thresholds,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {args.parallel} run(s) at a time, 1 thread each",
+        "machine": f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores, {args.parallel} run(s) at a "
+        "time, 1 thread each",
         "runs": {},
     }
     pooled = []
