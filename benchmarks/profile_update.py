@@ -64,6 +64,14 @@ class Args:
     """0: no operator table; N: the N operators with the most time, from a second run under torch.profiler"""
 
 
+def script_argv(script, args, models, folder):
+    """The profiled run's command line: the given batch and episodes, 8 evaluation prompts, no evaluation in the loop,
+    nothing saved, a run folder in `folder`, then the models and --extra."""
+    argv = [script, "--output-dir", os.path.join(folder, "run"), "--no-save-model", "--eval-size", "8"]
+    argv += ["--total-episodes", str(args.total_episodes), "--batch-size", str(args.batch_size)]
+    return argv + ["--eval-every", str(10**9), *models, *args.extra.split()]
+
+
 class Profile:
     """Exclusive wall time per label: a label's time excludes the labels entered inside it."""
 
@@ -171,9 +179,7 @@ def profile_script(script, args, models):
     saved = {name: getattr(module, name) for name in patches}
     original_backward = torch.Tensor.backward
     with tempfile.TemporaryDirectory() as folder:
-        sys.argv = [script, "--output-dir", os.path.join(folder, "run"), "--no-save-model", "--eval-size", "8"]
-        sys.argv += ["--total-episodes", str(args.total_episodes), "--batch-size", str(args.batch_size)]
-        sys.argv += ["--eval-every", str(10**9), *models, *args.extra.split()]
+        sys.argv = script_argv(script, args, models, folder)
         try:
             for name, fn in patches.items():
                 setattr(module, name, fn)
@@ -209,9 +215,7 @@ def profile_ops(script, args, models):
         FlopCounterMode(display=False),
     ]:
         with tempfile.TemporaryDirectory() as folder:
-            sys.argv = [script, "--output-dir", os.path.join(folder, "run"), "--no-save-model", "--eval-size", "8"]
-            sys.argv += ["--total-episodes", str(args.total_episodes), "--batch-size", str(args.batch_size)]
-            sys.argv += ["--eval-every", str(10**9), *models, *args.extra.split()]
+            sys.argv = script_argv(script, args, models, folder)
             quiet = open(os.devnull, "w")  # noqa: SIM115
             with quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), counter:
                 module.main()

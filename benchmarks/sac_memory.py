@@ -92,7 +92,7 @@ def count_critic(args, models, design):
 
 def run_script(args, folder, models, script, *flags):
     """A script with these flags on the fixture: its peak RSS and (on CUDA) peak allocated GPU memory."""
-    out = os.path.join(folder, f"run-{script}-{len(os.listdir(folder))}")
+    out = os.path.join(folder, "run-" + "-".join([script, *flags]))
     world = lambda name: os.path.join(REPO, "tinyworld", name)  # noqa: E731
     cmd = [sys.executable, os.path.join(REPO, script), *flags, "--output-dir", out]
     cmd += ["--model-name", models[0], "--reward-model-name", models[1]]
